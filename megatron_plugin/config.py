@@ -1,0 +1,215 @@
+"""Typed configuration for every part of a run.
+
+A run is described by one `RunConfig` made of small dataclasses, one per concern. Presets
+(`megatron_plugin.recipes`) are plain functions returning a `RunConfig`; the run CLI applies
+Hydra-style overrides on top and calls `validate()` before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message says which key to change and how."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. Defaults are the 1.2B model of the 8-GPU presets."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_attention_heads: int = 16
+    num_query_groups: int = 4
+    ffn_hidden_size: int = 5632
+    max_seq_length: int = 1024
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Megatron pads the embedding rows so each TP shard is a multiple of this (Megatron-LM's
+    # --make-vocab-size-divisible-by); the padded rows are dropped on export.
+    make_vocab_size_divisible_by: int = 128
+    # "auto": Transformer Engine's layer spec when TE imports and CUDA is present, else the local
+    # Megatron-Core spec with PyTorch SDPA attention. "local" / "transformer_engine" force one.
+    transformer_impl: str = "auto"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel: int = 1) -> int:
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split. Data parallelism is what is left: world_size / (TP * PP * CP)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+    # Megatron-Core's distributed optimizer (ZeRO-1 style sharding of fp32 master weights and
+    # Adam moments over the data-parallel group).
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    average_in_collective: bool = False
+    # Number of processes the preset was written for (torchrun's --nproc-per-node x nodes).
+    # Only used by `plan` and the launcher; at run time the real world size is used.
+    gpus: int = 1
+
+
+@dataclass
+class PrecisionConfig:
+    # fp32 | bf16 | fp16. On CPU bf16 runs but slowly; the smoke recipe uses fp32.
+    dtype: str = "bf16"
+    # None | "hybrid" | "e4m3": FP8 through Transformer Engine.
+    fp8: Optional[str] = None
+    # "tensorwise" (current scaling) | "delayed"
+    fp8_recipe: str = "tensorwise"
+    fp8_param_gather: bool = False
+
+
+@dataclass
+class DataConfig:
+    # Megatron indexed-dataset prefixes, optionally with weights: ["a"] or [0.7, "a", 0.3, "b"].
+    paths: list = field(default_factory=list)
+    split: str = "969,30,1"
+    seq_length: int = 1024
+    tokenizer_model: Optional[str] = None
+    # Where GPTDataset writes its index cache; default RUN/data_cache.
+    cache_dir: Optional[str] = None
+    # The smoke recipe generates its own corpus and tokenizer into RUN/data when this is set.
+    generate_corpus: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    global_batch_size: int = 256
+    seed: int = 1234
+    grad_clip: float = 1.0
+    recompute: Optional[str] = None  # None | "selective" | "full"
+    # Python's garbage collector runs every N steps instead of at random points (0 = automatic).
+    manual_gc_interval: int = 0
+
+    def grad_accumulation_steps(self, data_parallel: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * data_parallel)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    # Cosine decay after warmup down to min_lr_ratio * lr (the seed gives no decay; this is ours).
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    # Cosine decay lasts until this step; None = train.max_steps.
+    decay_steps: Optional[int] = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    # Resumable checkpoints (with optimizer state) kept; older ones become weights-only snapshots.
+    keep: int = 3
+    resume: str = "auto"  # auto | none | PATH
+    async_save: bool = False
+    # Keep a weights-only snapshot of every checkpoint that drops out of the `keep` window.
+    weights_only_snapshots: bool = True
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 1000
+    iters: int = 10
+
+
+@dataclass
+class RunInfo:
+    name: str = "run"
+    dir: Optional[str] = None  # default runs/<name>
+    description: str = ""
+
+
+@dataclass
+class RunConfig:
+    run: RunInfo = field(default_factory=RunInfo)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return self.run.dir or f"runs/{self.run.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor ({parallel.tensor}) x "
+            f"parallel.pipeline ({parallel.pipeline}) x parallel.context ({parallel.context}) = "
+            f"{model_parallel}: change the GPU count or the parallel.* sizes"
+        )
+    return world_size // model_parallel
+
+
+def validate_model(model: ModelConfig, tensor_parallel: int = 1) -> None:
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size ({model.hidden_size}) is not divisible by "
+            f"model.num_attention_heads ({model.num_attention_heads})"
+        )
+    if model.num_attention_heads % model.num_query_groups:
+        raise ConfigError(
+            f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
+            f"model.num_query_groups ({model.num_query_groups})"
+        )
+    if model.num_attention_heads % tensor_parallel:
+        raise ConfigError(
+            f"model.num_attention_heads ({model.num_attention_heads}) is not divisible by "
+            f"parallel.tensor ({tensor_parallel}): pick a tensor-parallel size that divides it"
+        )
+    if model.num_query_groups % tensor_parallel:
+        raise ConfigError(
+            f"model.num_query_groups ({model.num_query_groups}) is not divisible by "
+            f"parallel.tensor ({tensor_parallel}): pick a tensor-parallel size that divides it"
+        )
+    if model.ffn_hidden_size % tensor_parallel:
+        raise ConfigError(
+            f"model.ffn_hidden_size ({model.ffn_hidden_size}) is not divisible by "
+            f"parallel.tensor ({tensor_parallel})"
+        )
+    if model.transformer_impl not in ("auto", "local", "transformer_engine"):
+        raise ConfigError(
+            f"model.transformer_impl={model.transformer_impl!r}: use auto, local or "
+            "transformer_engine"
+        )

@@ -1,0 +1,81 @@
+"""Core attention for Megatron-Core's local layer spec through PyTorch's fused SDPA.
+
+Megatron-Core's local `DotProductAttention` materialises the [b, heads, s, s] score matrix, a
+causal mask and a softmax copy. `scaled_dot_product_attention` with `is_causal=True` does the same
+maths with flash / memory-efficient kernels on GPU and a fused kernel on CPU, and handles GQA
+without repeating K/V (`enable_gqa`). Same interface and layouts as `DotProductAttention`:
+q [sq, b, np, hn], k/v [sk, b, ng, hn] -> context [sq, b, np * hn].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism; use the TE spec")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
+            raise ValueError(f"SDPAttention supports causal attention only, got {attn_mask_type}")
+        self.causal = attn_mask_type == AttnMaskType.causal
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        sq, batch, heads, head_dim = query.shape
+        # [s, b, n, d] -> [b, n, s, d]: the layout SDPA's kernels expect.
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        dropout_p = self.dropout_p if self.training else 0.0
+        # With causal attention a padding mask is not used (GPTDataset gives none); an explicit
+        # mask, if one is passed, is honoured instead of is_causal.
+        mask = None
+        if attention_mask is not None and not self.causal:
+            mask = ~attention_mask
+        kwargs = dict(
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=self.causal and mask is None,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != q.shape[1],
+        )
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        # [b, n, s, d] -> [s, b, n * d]
+        return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)

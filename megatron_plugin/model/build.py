@@ -1,0 +1,139 @@
+"""ModelConfig -> Megatron-Core TransformerConfig + GPTModel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises more than ImportError when its CUDA libraries are missing
+        return False
+    return torch.cuda.is_available()
+
+
+def uses_transformer_engine(model: ModelConfig) -> bool:
+    if model.transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "model.transformer_impl=transformer_engine needs Transformer Engine and a CUDA "
+                "GPU; install the [gpu] extra on a GPU machine or set model.transformer_impl=local"
+            )
+        return True
+    return model.transformer_impl == "auto" and transformer_engine_available()
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: Optional[ParallelConfig] = None,
+    precision: Optional[PrecisionConfig] = None,
+    train: Optional[TrainConfig] = None,
+):
+    """The Megatron-Core TransformerConfig for a Llama-style decoder."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    parallel = parallel or ParallelConfig()
+    precision = precision or PrecisionConfig(dtype="fp32")
+    train = train or TrainConfig()
+    use_te = uses_transformer_engine(model)
+    dtype = DTYPES[precision.dtype]
+    fusions = use_te  # the fused kernels below come from TE / Apex and need CUDA
+    recompute = train.recompute
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        fp8=precision.fp8,
+        fp8_recipe=precision.fp8_recipe if precision.fp8 else "delayed",
+        fp8_param=precision.fp8_param_gather and precision.fp8 is not None,
+        bias_activation_fusion=fusions,
+        bias_dropout_fusion=fusions,
+        masked_softmax_fusion=fusions,
+        apply_rope_fusion=fusions,
+        persist_layer_norm=fusions,
+        gradient_accumulation_fusion=fusions,
+        cross_entropy_loss_fusion=fusions,
+        cross_entropy_fusion_impl="te" if fusions else "native",
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        variable_seq_lengths=False,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    """TE's layer spec on CUDA with Transformer Engine; the local spec with SDPA otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_transformer_engine(model):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from megatron_plugin.model.attention import SDPAttention
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    parallel: Optional[ParallelConfig] = None,
+    precision: Optional[PrecisionConfig] = None,
+    train: Optional[TrainConfig] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+):
+    """Build this rank's part of the GPTModel (needs Megatron's parallel state initialised)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    parallel = parallel or ParallelConfig()
+    config = transformer_config(model, parallel, precision, train)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(parallel.tensor),
+        max_sequence_length=model.max_seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        parallel_output=True,
+    )
+    device = torch.cuda.current_device() if torch.cuda.is_available() else torch.device("cpu")
+    return gpt.to(device)

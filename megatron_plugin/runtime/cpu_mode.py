@@ -1,0 +1,148 @@
+"""CPU mode: the few adaptations that let Megatron-Core's GPTModel train on a CPU.
+
+Megatron-Core assumes CUDA in a handful of places. With CUDA absent we redirect exactly those:
+
+1. `torch.cuda.current_device()` -> the CPU device (Megatron asks for it to place tensors).
+2. CUDA RNG state (`torch.cuda.get_rng_state/set_rng_state/manual_seed` and Megatron-Core's
+   private `tensor_parallel.random._get_cuda_rng_state/_set_cuda_rng_state`) -> the CPU
+   generator, so the tensor-parallel RNG tracker forks the CPU generator instead. That makes
+   the tracker's "CPU RNG state changed within GPU RNG context" warning fire on every fork,
+   which is expected here and silenced.
+3. `get_default_causal_mask` builds its mask on "cuda"; both modules that reference it get a
+   CPU version.
+4. `torch.cuda.synchronize()` (checkpoint writer, timers) -> no-op.
+5. Literal `device="cuda"` tensors, `Tensor.cuda()`, and the `torch.cuda.FloatTensor` type-name
+   checks in `clip_grads`: one `TorchFunctionMode` maps CUDA devices to CPU and reports CUDA
+   type names for CPU tensors.
+
+Everything is switched on by `enable()` only when CUDA is absent, and only for the
+megatron-core versions listed in `TESTED_MEGATRON_CORE`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+# megatron-core releases this module was tested with (major.minor.patch prefixes).
+TESTED_MEGATRON_CORE = ("0.16.0", "0.16.1")
+
+_enabled = False
+_mode: "_CudaToCpuMode | None" = None
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() results around as ints; a bare int is a CUDA
+    # ordinal to torch. (bool is an int subclass but never a device.)
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+_CPU = torch.device("cpu")
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments to the CPU and answers CUDA type names for CPU tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            tensor = args[0]
+            return _CUDA_TYPE_NAMES.get(tensor.dtype, func(*args))
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_rng_get(*args, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_rng_set(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int, *args, **kwargs) -> None:
+    # The CPU generator only: torch.manual_seed would call back into torch.cuda.manual_seed_all.
+    torch.default_generator.manual_seed(seed)
+
+
+class _QuietForkWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def check_megatron_core_version() -> str:
+    import megatron.core
+
+    version = megatron.core.__version__
+    if not version.startswith(TESTED_MEGATRON_CORE):
+        raise RuntimeError(
+            f"CPU mode was tested with megatron-core {', '.join(TESTED_MEGATRON_CORE)} and this "
+            f"environment has {version}. Install a tested release "
+            "(pip install 'megatron-core>=0.16.0,<0.17') or run on a CUDA machine."
+        )
+    return version
+
+
+def enable() -> bool:
+    """Switch CPU mode on if CUDA is absent. Returns True if CPU mode is (now) active."""
+    global _enabled, _mode
+    if _enabled:
+        return True
+    if torch.cuda.is_available():
+        return False
+    version = check_megatron_core_version()
+
+    import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.tensor_parallel.random as tp_random
+    import megatron.core.transformer.utils as transformer_utils
+
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.get_rng_state = _cpu_rng_get
+    torch.cuda.set_rng_state = _cpu_rng_set
+    torch.cuda.manual_seed = _cpu_manual_seed
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    tp_random._get_cuda_rng_state = _cpu_rng_get
+    tp_random._set_cuda_rng_state = _cpu_rng_set
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    logging.getLogger(tp_random.__name__).addFilter(_QuietForkWarning())
+
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    _enabled = True
+    logger.info("CUDA not available: CPU mode on (megatron-core %s, gloo backend)", version)
+    return True
+
+
+def is_enabled() -> bool:
+    return _enabled

@@ -1,0 +1,113 @@
+"""Process-group start-up: torch.distributed + Megatron-Core parallel state, device, seeds."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_plugin.config import ParallelConfig, data_parallel_size
+from megatron_plugin.runtime import cpu_mode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    tensor_parallel: int
+    pipeline_parallel: int
+    data_parallel: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> Runtime:
+    """Start torch.distributed (from torchrun's environment, or as one process) and Megatron-Core's
+    parallel state. CPU mode is switched on when CUDA is absent (gloo backend)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    on_cuda = torch.cuda.is_available()
+    if not on_cuda:
+        cpu_mode.enable()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if on_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain `python -m ...` single process
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend="nccl" if on_cuda else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    data_parallel = data_parallel_size(parallel, world_size)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        context_parallel_size=parallel.context,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    return Runtime(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=device,
+        tensor_parallel=parallel.tensor,
+        pipeline_parallel=parallel.pipeline,
+        data_parallel=data_parallel,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; Megatron's tracker gives each TP rank its own model-parallel
+    stream and each pipeline stage a distinct seed, as Megatron-LM does."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
