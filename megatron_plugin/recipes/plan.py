@@ -1,0 +1,166 @@
+"""`--plan`: what a run will cost, computed from the resolved config and the real dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Optional
+
+import numpy as np
+
+from megatron_plugin.config import RunConfig
+from megatron_plugin.data.gpt_dataset import parse_blend
+from megatron_plugin.model import flops_per_token, parameter_count
+from megatron_plugin.runtime.peak import GPU_PEAKS
+
+SEED_CORPUS_TOKENS = 51_000_000_000
+# What the seed document claimed for production_8gpu, shown beside the computed figure.
+SEED_CLAIMS = {"hours": 8.2, "initial_loss": "3.5-4.0", "checkpoint_storage_gb": 70}
+
+# Bytes per parameter: bf16 weights; plus fp32 master weights and two fp32 Adam moments.
+WEIGHT_BYTES = 2
+RESUMABLE_BYTES = 2 + 4 + 4 + 4
+
+
+def idx_token_count(prefix: str) -> int:
+    """Tokens in a Megatron indexed dataset, from its .idx header and sequence lengths."""
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(34)
+    if header[:9] != b"MMIDIDX\x00\x00":
+        raise ValueError(f"{prefix}.idx is not a Megatron indexed dataset index (bad magic)")
+    count = int.from_bytes(header[18:26], "little")
+    lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(count,))
+    return int(lengths.sum(dtype=np.int64))
+
+
+def dataset_tokens(cfg: RunConfig) -> tuple[int, str]:
+    if cfg.data.paths:
+        prefixes, _ = parse_blend(cfg.data.paths)
+        present = [p for p in prefixes if os.path.isfile(p + ".idx")]
+        if len(present) == len(prefixes):
+            return sum(idx_token_count(p) for p in prefixes), f"counted in {len(prefixes)} .idx file(s)"
+    return SEED_CORPUS_TOKENS, "no dataset given: the seed's 51B-token corpus is assumed"
+
+
+def measured_tokens_per_s(run_dir: str) -> Optional[float]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rates = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "tokens_per_s" in record:
+                rates.append(record["tokens_per_s"])
+    # The first window includes start-up; use the median of the rest when there is more than one.
+    rates = rates[1:] if len(rates) > 1 else rates
+    return statistics.median(rates) if rates else None
+
+
+def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100") -> dict:
+    if gpu not in GPU_PEAKS:
+        raise ValueError(f"--gpu {gpu}: choose one of {', '.join(GPU_PEAKS)}")
+    gpus = cfg.parallel.gpus
+    seq = cfg.data.seq_length
+    steps = cfg.train.max_steps
+    params = parameter_count(cfg.model)
+    tokens_per_step = cfg.train.global_batch_size * seq
+    total_tokens = steps * tokens_per_step
+    corpus_tokens, corpus_source = dataset_tokens(cfg)
+    fpt = flops_per_token(cfg.model, seq, cfg.parallel.tensor)
+    total_flops = fpt * total_tokens
+    peak_key = "fp8" if cfg.precision.fp8 else cfg.precision.dtype
+    peak = GPU_PEAKS[gpu][peak_key]
+    hours_at_mfu = total_flops / (gpus * peak * mfu) / 3600
+    interval = cfg.checkpoint.interval
+    periodic = steps // interval if interval > 0 else 0
+    saves = periodic + (1 if interval > 0 and steps % interval else 0)
+    weights_gb = params * WEIGHT_BYTES / 1e9
+    resumable_gb = params * RESUMABLE_BYTES / 1e9
+    kept = min(cfg.checkpoint.keep, saves)
+    storage_gb = kept * resumable_gb + (saves - kept) * weights_gb * cfg.checkpoint.weights_only_snapshots
+    measured = measured_tokens_per_s(cfg.run_dir)
+    plan = {
+        "preset": cfg.run.name,
+        "gpus": gpus,
+        "parameters": params,
+        "global_batch": cfg.train.global_batch_size,
+        "micro_batch": cfg.train.micro_batch_size,
+        "grad_accumulation": cfg.train.grad_accumulation_steps(max(gpus // (cfg.parallel.tensor * cfg.parallel.pipeline), 1)),
+        "seq_length": seq,
+        "tokens_per_step": tokens_per_step,
+        "max_steps": steps,
+        "total_tokens": total_tokens,
+        "dataset_tokens": corpus_tokens,
+        "dataset_source": corpus_source,
+        "epochs": total_tokens / corpus_tokens,
+        "steps_per_epoch": corpus_tokens / tokens_per_step,
+        "warmup_steps": cfg.optim.warmup_steps,
+        "lr_schedule": f"linear warmup to {cfg.optim.lr:g}, cosine decay to {cfg.optim.lr * cfg.optim.min_lr_ratio:g}",
+        "checkpoints": periodic,
+        "checkpoint_saves_total": saves,
+        "log_points": steps // cfg.log.interval,
+        "flops_per_token": fpt,
+        "total_flops": total_flops,
+        "checkpoint_weights_gb": weights_gb,
+        "checkpoint_resumable_gb": resumable_gb,
+        "checkpoint_storage_gb": storage_gb,
+        "checkpoint_storage_all_resumable_gb": saves * resumable_gb,
+        "gpu": gpu,
+        "peak_flops_per_gpu": peak,
+        "assumed_mfu": mfu,
+        "hours_at_mfu": hours_at_mfu,
+        "initial_loss": math.log(cfg.model.vocab_size),
+        "measured_tokens_per_s": measured,
+        "hours_at_measured": total_tokens / measured / 3600 if measured else None,
+        "seed_claims": SEED_CLAIMS if cfg.run.name == "production_8gpu" else None,
+    }
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    def gb(x):
+        return f"{x:,.1f} GB"
+
+    lines = [
+        f"Plan for {plan['preset']} on {plan['gpus']} x {plan['gpu'].upper()}",
+        f"  parameters          {plan['parameters']:,} ({plan['parameters'] / 1e9:.3f}B)",
+        f"  global batch        {plan['global_batch']} sequences = micro {plan['micro_batch']} x accum "
+        f"{plan['grad_accumulation']} x DP {plan['gpus']} (TP=PP=1)",
+        f"  tokens / step       {plan['tokens_per_step']:,}",
+        f"  steps               {plan['max_steps']:,}",
+        f"  total tokens        {plan['total_tokens']:,} ({plan['total_tokens'] / 1e9:.2f}B)",
+        f"  dataset             {plan['dataset_tokens']:,} tokens ({plan['dataset_source']})",
+        f"  epochs              {plan['epochs']:.3f} ({plan['steps_per_epoch']:,.0f} steps per epoch)",
+        f"  warmup              {plan['warmup_steps']:,} steps; {plan['lr_schedule']}",
+        f"  checkpoints         {plan['checkpoints']} periodic ({plan['checkpoint_saves_total']} saves with the final one)",
+        f"  log points          {plan['log_points']}",
+        f"  FLOPs / token       {plan['flops_per_token']:.4g} (training: forward + backward)",
+        f"  total FLOPs         {plan['total_flops']:.4g}",
+        f"  checkpoint size     {gb(plan['checkpoint_weights_gb'])} weights only (bf16), "
+        f"{gb(plan['checkpoint_resumable_gb'])} resumable (+ fp32 master weights and Adam moments)",
+        f"  storage             {gb(plan['checkpoint_storage_gb'])} keeping the newest resumable ones "
+        f"and weights-only snapshots of the rest ({gb(plan['checkpoint_storage_all_resumable_gb'])} if all were resumable)",
+        f"  time                {plan['hours_at_mfu']:,.1f} h ({plan['hours_at_mfu'] / 24:.1f} days) at "
+        f"{100 * plan['assumed_mfu']:.0f}% MFU of {plan['peak_flops_per_gpu'] / 1e12:,.0f} TFLOP/s per GPU",
+    ]
+    if plan["hours_at_measured"] is not None:
+        lines.append(f"  time (measured)     {plan['hours_at_measured']:,.1f} h at the last run's "
+                     f"{plan['measured_tokens_per_s']:,.0f} tokens/s")
+    lines.append(f"  initial loss        ~{plan['initial_loss']:.2f} (ln of the vocabulary size, a fresh model)")
+    claims = plan.get("seed_claims")
+    if claims:
+        lines += [
+            "  The seed document's figures that are wrong:",
+            f"    training time     claimed {claims['hours']} h -> {plan['hours_at_mfu']:,.0f} h at "
+            f"{100 * plan['assumed_mfu']:.0f}% MFU",
+            f"    initial loss      claimed {claims['initial_loss']} -> ~{plan['initial_loss']:.1f}",
+            f"    checkpoints       claimed {claims['checkpoint_storage_gb']} GB -> "
+            f"{gb(plan['checkpoint_storage_gb'])} ({gb(plan['checkpoint_storage_all_resumable_gb'])} all resumable)",
+        ]
+    return "\n".join(lines)

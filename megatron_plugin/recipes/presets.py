@@ -1,0 +1,127 @@
+"""Presets: plain functions returning a RunConfig, looked up by name.
+
+The three GPU presets carry the seed document's figures (see DESIGN.md section 2): 1.2B
+Llama-style model, seq 1024, peak LR 3e-4 with 2% linear warmup, then cosine decay to 10% of peak
+(the seed gives no decay; this is our choice).
+
+Parallel layout for a 1.2B model on one 8-GPU node: TP=1 x PP=1 x DP=8. The whole model (2.4 GB
+of bf16 weights) fits on every GPU, so tensor parallelism would only add communication inside
+every layer; data parallelism with Megatron-Core's distributed optimizer shards the fp32 master
+weights and Adam moments (~14.5 GB) over the 8 ranks instead. `parallel.tensor=2` works by
+override (DP becomes 4). Overlapped gradient reduce-scatter and parameter all-gather with
+averaging inside the collective, and a manual garbage collection every 100 steps, follow
+Megatron-Bridge's Llama 3.2 1B H100 recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from megatron_plugin.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    RunInfo,
+    TrainConfig,
+)
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {}
+
+
+def preset(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]()
+
+
+def llama_1b2() -> ModelConfig:
+    """The 1.2B model of DESIGN.md section 3 (ModelConfig's defaults, named here for clarity)."""
+    return ModelConfig()
+
+
+def _warmup(max_steps: int) -> int:
+    return int(0.02 * max_steps)
+
+
+def _gpu_parallel(gpus: int) -> ParallelConfig:
+    return ParallelConfig(
+        tensor=1,
+        pipeline=1,
+        distributed_optimizer=True,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        average_in_collective=True,
+        gpus=gpus,
+    )
+
+
+def _gpu_run(name: str, description: str, gpus: int, micro_batch: int, global_batch: int,
+             max_steps: int, save_every: int, log_every: int, eval_every: int) -> RunConfig:
+    return RunConfig(
+        run=RunInfo(name=name, description=description),
+        model=llama_1b2(),
+        parallel=_gpu_parallel(gpus),
+        precision=PrecisionConfig(dtype="bf16"),
+        data=DataConfig(seq_length=1024),
+        train=TrainConfig(max_steps=max_steps, micro_batch_size=micro_batch,
+                          global_batch_size=global_batch, manual_gc_interval=100),
+        optim=OptimConfig(lr=3e-4, warmup_steps=_warmup(max_steps)),
+        checkpoint=CheckpointConfig(interval=save_every, keep=3),
+        log=LogConfig(interval=log_every),
+        eval=EvalConfig(interval=eval_every, iters=20),
+    )
+
+
+@preset
+def production_8gpu() -> RunConfig:
+    """1.2B, 8 GPUs, 590,625 steps = 3.04 epochs of 51B tokens (the seed's main configuration)."""
+    return _gpu_run("production_8gpu", production_8gpu.__doc__, gpus=8, micro_batch=8,
+                    global_batch=256, max_steps=590_625, save_every=20_000, log_every=3_000,
+                    eval_every=20_000)
+
+
+@preset
+def fast_8gpu() -> RunConfig:
+    """1.2B, 8 GPUs, 75,000 steps = 0.386 epochs of 51B tokens."""
+    return _gpu_run("fast_8gpu", fast_8gpu.__doc__, gpus=8, micro_batch=8, global_batch=256,
+                    max_steps=75_000, save_every=5_000, log_every=500, eval_every=5_000)
+
+
+@preset
+def basic_2gpu() -> RunConfig:
+    """1.2B, 2 GPUs, 25,000 steps of 32,768 tokens (0.016 epochs of 51B tokens)."""
+    return _gpu_run("basic_2gpu", basic_2gpu.__doc__, gpus=2, micro_batch=4, global_batch=32,
+                    max_steps=25_000, save_every=2_500, log_every=250, eval_every=2_500)
+
+
+def tiny_model(vocab_size: int = 512, seq: int = 128) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, hidden_size=128, num_layers=2, num_attention_heads=4,
+                       num_query_groups=2, ffn_hidden_size=352, max_seq_length=seq)
+
+
+@preset
+def smoke() -> RunConfig:
+    """Tiny model on CPU over a generated corpus: the whole pipeline in about a minute."""
+    return RunConfig(
+        run=RunInfo(name="smoke", description=smoke.__doc__),
+        model=tiny_model(),
+        parallel=ParallelConfig(gpus=1),
+        precision=PrecisionConfig(dtype="fp32"),
+        data=DataConfig(seq_length=128, generate_corpus=True, split="90,9,1"),
+        train=TrainConfig(max_steps=60, micro_batch_size=4, global_batch_size=8, seed=1234),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, weight_decay=0.01),
+        checkpoint=CheckpointConfig(interval=20, keep=2),
+        log=LogConfig(interval=5),
+        eval=EvalConfig(interval=20, iters=2),
+    )

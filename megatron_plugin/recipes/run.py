@@ -1,0 +1,106 @@
+"""`python -m megatron_plugin.recipes.run NAME [key=value ...]`: resolve a preset, validate, train.
+
+Flags: --list (presets), --show (resolved config only), --plan [--json] [--mfu 0.4] [--gpu h100].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from omegaconf import OmegaConf
+
+from megatron_plugin.config import ConfigError, RunConfig
+from megatron_plugin.recipes.overrides import apply_overrides
+from megatron_plugin.recipes.plan import format_plan, make_plan
+from megatron_plugin.recipes.presets import PRESETS, get_preset
+from megatron_plugin.recipes.validate import validate
+
+logger = logging.getLogger("megatron_plugin.run")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_plugin.recipes.run",
+        description="Train a preset with Megatron-Core; overrides use Hydra's key=value grammar.",
+    )
+    parser.add_argument("preset", nargs="?", default="smoke", help="preset name (default: smoke)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-4 parallel.tensor=2")
+    parser.add_argument("--list", action="store_true", help="list presets and exit")
+    parser.add_argument("--show", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--plan", action="store_true", help="print the cost of the run without training")
+    parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
+    parser.add_argument("--mfu", type=float, default=0.40, help="with --plan: assumed MFU (default 0.40)")
+    parser.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"], help="with --plan: GPU type")
+    return parser
+
+
+def resolve(preset: str, overrides: list[str]) -> tuple[RunConfig, list]:
+    try:
+        cfg = get_preset(preset)
+    except KeyError as error:
+        raise ConfigError(error.args[0]) from None
+    return apply_overrides(cfg, overrides)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Megatron-Core logs a great deal at INFO; keep its warnings.
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list:
+        for name, fn in sorted(PRESETS.items()):
+            print(f"{name:18s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    try:
+        cfg, applied = resolve(args.preset, args.overrides)
+        if args.plan:
+            validate(cfg, world_size=cfg.parallel.gpus, check_data=False, cuda=True)
+            plan = make_plan(cfg, mfu=args.mfu, gpu=args.gpu)
+            print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+            return 0
+        yaml_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if args.show:
+            print(yaml_text)
+            return 0
+        _setup_logging()
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        for item in applied:
+            if item.alias and rank0:
+                logger.info("%s is the Hugging Face Trainer name of %s: set %s", item.alias, item.key, item.key)
+        validate(cfg, world_size=_world_size())
+        if rank0:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+                f.write(yaml_text)
+            logger.info("resolved config (saved to %s):\n%s", os.path.join(cfg.run_dir, "config.yaml"), yaml_text)
+        from megatron_plugin.runtime.distributed import shutdown
+        from megatron_plugin.training.loop import train
+
+        try:
+            train(cfg)
+        finally:
+            shutdown()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

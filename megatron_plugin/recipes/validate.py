@@ -1,0 +1,103 @@
+"""Checks made before anything runs; each message says what to change."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size, validate_model
+from megatron_plugin.data.gpt_dataset import missing_prefixes, parse_blend
+
+
+def validate(cfg: RunConfig, world_size: int, check_data: bool = True, cuda: bool | None = None) -> None:
+    import torch
+
+    p = cfg.parallel
+    for name in ("tensor", "pipeline", "context"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be 1 or more")
+    dp = data_parallel_size(p, world_size)
+    validate_model(cfg.model, p.tensor)
+    t = cfg.train
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({t.global_batch_size}) is not divisible by "
+            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = "
+            f"{t.micro_batch_size * dp}: change one of them (data-parallel size = world size "
+            f"{world_size} / (TP x PP x CP))"
+        )
+    if cfg.model.num_layers % p.pipeline:
+        raise ConfigError(
+            f"model.num_layers ({cfg.model.num_layers}) is not divisible by parallel.pipeline ({p.pipeline})"
+        )
+    if cfg.data.seq_length > cfg.model.max_seq_length:
+        raise ConfigError(
+            f"data.seq_length ({cfg.data.seq_length}) is above model.max_seq_length "
+            f"({cfg.model.max_seq_length}): lower data.seq_length or raise model.max_seq_length"
+        )
+    if cfg.precision.dtype not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision.dtype={cfg.precision.dtype!r}: use fp32, bf16 or fp16")
+    if t.max_steps < 1:
+        raise ConfigError(f"train.max_steps={t.max_steps}: must be 1 or more")
+    if cfg.optim.warmup_steps >= t.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below train.max_steps ({t.max_steps})"
+        )
+    if cfg.log.interval < 1:
+        raise ConfigError(f"log.interval={cfg.log.interval}: must be 1 or more")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 1 resumable checkpoint")
+    _validate_fp8(cfg, torch.cuda.is_available() if cuda is None else cuda)
+    if check_data:
+        _validate_data(cfg)
+
+
+def _validate_fp8(cfg: RunConfig, cuda: bool) -> None:
+    fp8 = cfg.precision.fp8
+    if fp8 is None:
+        return
+    if fp8 not in ("hybrid", "e4m3"):
+        raise ConfigError(f"precision.fp8={fp8!r}: use hybrid, e4m3 or null")
+    if cfg.precision.fp8_recipe not in ("tensorwise", "delayed"):
+        raise ConfigError(f"precision.fp8_recipe={cfg.precision.fp8_recipe!r}: use tensorwise or delayed")
+    if not cuda:
+        raise ConfigError("precision.fp8 needs a CUDA GPU with FP8 (Hopper or newer); set precision.fp8=null on this machine")
+    import torch
+
+    major, _ = torch.cuda.get_device_capability()
+    if major < 9:
+        raise ConfigError(
+            f"precision.fp8 needs compute capability 9.0+ (H100/H200), this GPU has {major}.x; "
+            "set precision.fp8=null"
+        )
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as error:
+        raise ConfigError(
+            f"precision.fp8 needs Transformer Engine ({error}); install the [gpu] extra or set precision.fp8=null"
+        ) from error
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    if cfg.data.generate_corpus:
+        return
+    prefixes, _ = parse_blend(cfg.data.paths)
+    missing = missing_prefixes(prefixes)
+    if missing:
+        raise ConfigError(
+            f"data.paths: no PREFIX.bin / PREFIX.idx for {', '.join(missing)}; run "
+            "`python -m megatron_plugin.preprocess --input ... --output-prefix ...` first or fix the path"
+        )
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
+    if not os.path.isfile(cfg.data.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model={cfg.data.tokenizer_model}: no such file")
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {cfg.data.tokenizer_model} has {vocab} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size={vocab}"
+        )

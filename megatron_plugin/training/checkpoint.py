@@ -1,0 +1,267 @@
+"""Checkpoints with Megatron-Core distributed checkpointing (torch_dist).
+
+Layout of RUN/checkpoints/:
+    latest                       name of the newest complete checkpoint (replaced atomically)
+    iter_0000100/                the model: a dist checkpoint {"model": ...}, any TP/PP layout
+        optimizer/               optimizer, LR scheduler, RNG: a dist checkpoint (resumable only)
+        train_state.json         step, consumed samples, layout it was written with
+        run_config.json          the resolved RunConfig
+        tokenizer.model          the SentencePiece model the data was tokenized with
+
+A checkpoint is written as iter_N.partial and renamed once every rank has finished, and only
+then does `latest` move: a crash or a full disk during a save leaves the previous checkpoint as
+`latest`. Beyond the newest `checkpoint.keep` checkpoints the optimizer/ folder is deleted,
+leaving weights-only snapshots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_plugin.config import RunConfig
+from megatron_plugin.training.optimizer import TrainState
+
+logger = logging.getLogger(__name__)
+
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class Resumed:
+    step: int
+    consumed_samples: int
+    path: str
+    layout_changed: bool
+
+
+def checkpoint_root(cfg: RunConfig) -> str:
+    return os.path.join(cfg.run_dir, "checkpoints")
+
+
+def iter_dir_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def read_latest(root: str) -> Optional[str]:
+    """Path of the checkpoint `latest` names, or None when there is none."""
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer, encoding="utf-8") as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not _ITER_RE.match(name) or not os.path.isdir(path):
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a checkpoint folder in {root}; point it at an "
+            "existing iter_NNNNNNN folder or remove it to start fresh"
+        )
+    return path
+
+
+def _write_latest(root: str, name: str) -> None:
+    tmp = os.path.join(root, "latest.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, "latest"))
+
+
+def _gpt(state: TrainState):
+    return state.model[0].module
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(state: Optional[dict] = None):
+    """RNG state per (PP, TP) rank, replicated over data-parallel ranks."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state",
+        state if state is not None else _rng_state(),
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def save_checkpoint(cfg: RunConfig, state: TrainState, step: int, consumed_samples: int,
+                    tokenizer_model: Optional[str]) -> str:
+    """Save a resumable checkpoint for `step`, then move `latest` and prune old ones."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoint_root(cfg)
+    name = iter_dir_name(step)
+    final = os.path.join(root, name)
+    partial = final + ".partial"
+    if _is_rank0():
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a leftover of an interrupted save
+        os.makedirs(partial)
+    _barrier()
+    try:
+        dist_checkpointing.save({"model": _gpt(state).sharded_state_dict()}, partial)
+        if _is_rank0():
+            os.makedirs(os.path.join(partial, "optimizer"))
+        _barrier()
+        # A fresh model state dict: save() consumed the first one, and the optimizer maps its
+        # states onto the model's sharded tensors by parameter identity.
+        model_sd = _gpt(state).sharded_state_dict()
+        optimizer_sd = {
+            "optimizer": state.optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
+            "scheduler": state.scheduler.state_dict(),
+            "rng": _rng_sharded(),
+        }
+        dist_checkpointing.save(optimizer_sd, os.path.join(partial, "optimizer"))
+        if _is_rank0():
+            _write_json(os.path.join(partial, "train_state.json"), {
+                "step": step,
+                "consumed_samples": consumed_samples,
+                "tensor_parallel": cfg.parallel.tensor,
+                "pipeline_parallel": cfg.parallel.pipeline,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            })
+            _write_json(os.path.join(partial, "run_config.json"), dataclasses.asdict(cfg))
+            if tokenizer_model:
+                shutil.copyfile(tokenizer_model, os.path.join(partial, "tokenizer.model"))
+        _barrier()
+    except Exception as error:
+        if _is_rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(
+            f"saving checkpoint {final} failed ({type(error).__name__}: {error}); the previous "
+            f"checkpoint ({read_latest(root) or 'none'}) is untouched. Free disk space or fix "
+            "checkpoint.* and resume."
+        ) from error
+    if _is_rank0():
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _write_latest(root, name)
+        prune(root, cfg.checkpoint.keep, cfg.checkpoint.weights_only_snapshots)
+    _barrier()
+    return final
+
+
+def _write_json(path: str, payload: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=str)
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        match = _ITER_RE.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def prune(root: str, keep: int, weights_only_snapshots: bool) -> None:
+    """Keep the newest `keep` resumable checkpoints; older ones lose their optimizer state
+    (weights-only snapshots) or are deleted."""
+    resumable = [(s, p) for s, p in list_checkpoints(root) if os.path.isdir(os.path.join(p, "optimizer"))]
+    for _, path in resumable[: max(len(resumable) - keep, 0)]:
+        if weights_only_snapshots:
+            shutil.rmtree(os.path.join(path, "optimizer"))
+        else:
+            shutil.rmtree(path)
+
+
+def resolve_resume(cfg: RunConfig) -> Optional[str]:
+    mode = cfg.checkpoint.resume
+    if mode in (None, "none", "never", False):
+        return None
+    if mode == "auto":
+        return read_latest(checkpoint_root(cfg))
+    path = str(mode)
+    if os.path.isfile(os.path.join(path, "latest")):
+        return read_latest(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint.resume={path}: no such checkpoint folder")
+    return path
+
+
+def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
+    """Load model (resharded to the current TP/PP layout), optimizer, scheduler and RNG."""
+    from megatron.core import dist_checkpointing
+
+    with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    layout_changed = (saved["tensor_parallel"], saved["pipeline_parallel"]) != (
+        cfg.parallel.tensor, cfg.parallel.pipeline)
+    gpt = _gpt(state)
+    model_sd = gpt.sharded_state_dict()
+    loaded = dist_checkpointing.load({"model": model_sd}, path)
+    gpt.load_state_dict(loaded["model"])
+    optimizer_dir = os.path.join(path, "optimizer")
+    if not os.path.isdir(optimizer_dir):
+        raise CheckpointError(
+            f"{path} is a weights-only snapshot (no optimizer/ folder): it can be exported or used "
+            "to start a new run, not resumed; pick a newer checkpoint with checkpoint.resume=PATH"
+        )
+    model_sd = gpt.sharded_state_dict()
+    optimizer_sd = {
+        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA),
+    }
+    if not layout_changed:
+        optimizer_sd["rng"] = _rng_sharded()
+    with torch.no_grad():
+        loaded = dist_checkpointing.load(optimizer_sd, optimizer_dir)
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["scheduler"])  # common (non-sharded) state
+    if not layout_changed:
+        _set_rng_state(loaded["rng"])
+    return Resumed(saved["step"], saved["consumed_samples"], path, layout_changed)

@@ -1,0 +1,183 @@
+"""The training loop: data, steps, logging, validation, checkpoints, failures."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_plugin.config import ConfigError, RunConfig
+from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer
+from megatron_plugin.model import flops_per_token
+from megatron_plugin.runtime.distributed import Runtime, init_distributed
+from megatron_plugin.runtime.peak import device_peak_flops
+from megatron_plugin.training import checkpoint as ckpt
+from megatron_plugin.training.metrics import MetricsWriter, Throughput, console_line
+from megatron_plugin.training.optimizer import build_train_state
+from megatron_plugin.training.step import eval_step, train_step
+
+logger = logging.getLogger("megatron_plugin.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class _StopSignal:
+    """SIGTERM / SIGINT (a preemption) sets a flag; the loop saves and exits cleanly."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def prepare_data(cfg: RunConfig, runtime: Runtime) -> None:
+    """The smoke recipe's generated corpus: rank 0 writes it, the others wait."""
+    if not cfg.data.generate_corpus:
+        return
+    from megatron_plugin.data.prepare import prepare_generated_corpus
+
+    data_dir = os.path.join(cfg.run_dir, "data")
+    if runtime.is_main:
+        prefix, tokenizer = prepare_generated_corpus(data_dir, cfg.model.vocab_size)
+    if dist.is_initialized():
+        dist.barrier()
+    prefix = os.path.join(data_dir, "corpus_text_document")
+    cfg.data.paths = [prefix]
+    cfg.data.tokenizer_model = os.path.join(data_dir, "tokenizer.model")
+
+
+def _dp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run training as configured; returns a summary (last step, losses) for callers and tests."""
+    runtime = init_distributed(cfg.parallel, cfg.train.seed)
+    prepare_data(cfg, runtime)
+    if not cfg.data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
+    tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: set model.vocab_size={tokenizer.vocab_size} or larger"
+        )
+    dp = runtime.data_parallel
+    mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
+    num_micro = cfg.train.grad_accumulation_steps(dp)
+    seq = cfg.data.seq_length
+    eval_runs = cfg.train.max_steps // cfg.eval.interval + 1 if cfg.eval.interval > 0 else 0
+    train_ds, valid_ds, _ = build_datasets(
+        cfg.data, seq,
+        (cfg.train.max_steps * gbs, eval_runs * cfg.eval.iters * gbs, 0),
+        cfg.train.seed, cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"), tokenizer,
+    )
+    state = build_train_state(cfg, dp)
+
+    step, consumed = 0, 0
+    resume_path = ckpt.resolve_resume(cfg)
+    if resume_path:
+        resumed = ckpt.load_checkpoint(cfg, state, resume_path)
+        step, consumed = resumed.step, resumed.consumed_samples
+        if runtime.is_main:
+            logger.info("resumed from %s at step %d (%d samples consumed)%s", resume_path, step,
+                        consumed, ", resharded to the new TP/PP layout" if resumed.layout_changed else "")
+
+    train_iter = MicroBatches(train_ds, mbs, _dp_rank(), dp, consumed)
+    peak, peak_source = device_peak_flops(cfg.precision.dtype, cfg.precision.fp8 is not None)
+    fpt = flops_per_token(cfg.model, seq, cfg.parallel.tensor)
+    throughput = Throughput(gbs * seq, fpt, runtime.world_size, peak)
+    metrics = MetricsWriter(cfg.run_dir, runtime.is_main, cfg.log.tensorboard)
+    if runtime.is_main:
+        logger.info("training %d -> %d steps | global batch %d = micro %d x accum %d x DP %d | "
+                    "seq %d | %.3g FLOPs/token | peak %.3g FLOP/s (%s)", step, cfg.train.max_steps,
+                    gbs, mbs, num_micro, dp, seq, fpt, peak, peak_source)
+    stop = _StopSignal()
+    start_time = time.perf_counter()
+    losses = {}
+    if cfg.train.manual_gc_interval:
+        gc.disable()
+    tokenizer_path = cfg.data.tokenizer_model
+    last_saved = step if resume_path else None
+    try:
+        while step < cfg.train.max_steps:
+            result = train_step(state, train_iter, num_micro, seq, mbs, runtime.device)
+            step += 1
+            consumed += gbs
+            throughput.step()
+            if not math.isfinite(result.loss):
+                raise NonFiniteLoss(
+                    f"loss is {result.loss} at step {step}; stopping. The last good checkpoint "
+                    f"({ckpt.read_latest(ckpt.checkpoint_root(cfg)) or 'none'}) stays `latest`: "
+                    "lower optim.lr or check the data, then resume"
+                )
+            losses[step] = result.loss
+            if cfg.train.manual_gc_interval and step % cfg.train.manual_gc_interval == 0:
+                gc.collect()
+            if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
+                record = {"step": step, "loss": result.loss, "lr": result.lr,
+                          "grad_norm": result.grad_norm, **throughput.measure(),
+                          "consumed_samples": consumed, "elapsed_s": time.perf_counter() - start_time}
+                if runtime.is_main:
+                    eta = record["step_time_s"] * (cfg.train.max_steps - step)
+                    logger.info(console_line(record, cfg.train.max_steps, eta))
+                metrics.write(record)
+            if cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.max_steps):
+                val_loss = evaluate(cfg, state, valid_ds, runtime, step)
+                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                throughput.restart()
+            if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
+                ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+                last_saved = step
+                throughput.restart()
+            if stop.any_rank(runtime.device):
+                if last_saved != step:
+                    ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+                    last_saved = step
+                if runtime.is_main:
+                    logger.info("%s received: checkpoint at step %d saved, exiting", stop.received or "stop", step)
+                break
+        else:
+            if cfg.checkpoint.interval > 0 and last_saved != step:
+                ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+    finally:
+        metrics.close()
+        if cfg.train.manual_gc_interval:
+            gc.enable()
+    return {"step": step, "losses": losses, "consumed_samples": consumed}
+
+
+def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int) -> float:
+    """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
+    if valid_ds is None:
+        return float("nan")
+    dp = runtime.data_parallel
+    mbs = cfg.train.micro_batch_size
+    num_micro = cfg.train.grad_accumulation_steps(dp)
+    iterator = MicroBatches(valid_ds, mbs, _dp_rank(), dp, 0)
+    total = 0.0
+    for _ in range(cfg.eval.iters):
+        total += eval_step(state, iterator, num_micro, cfg.data.seq_length, mbs, runtime.device)
+    val_loss = total / max(cfg.eval.iters, 1)
+    if runtime.is_main:
+        logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, math.exp(min(val_loss, 50)))
+    return val_loss
