@@ -141,6 +141,8 @@ class LogConfig:
 class EvalConfig:
     interval: int = 1000
     iters: int = 10
+    # Validate once before the first step (e.g. to check a resumed or resharded checkpoint).
+    at_start: bool = False
 
 
 @dataclass

@@ -42,7 +42,9 @@ def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict 
                "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + args
     else:
         cmd = [sys.executable] + args
-    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own: a test may kill the whole process group of the run it started.
+    result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+                            start_new_session=True)
     if check and result.returncode != 0:
         raise AssertionError(
             f"command failed ({result.returncode}): {' '.join(cmd)}\n--- stdout\n{result.stdout[-4000:]}"

@@ -34,8 +34,11 @@ class _StopSignal:
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
@@ -119,6 +122,9 @@ def train(cfg: RunConfig) -> dict:
     tokenizer_path = cfg.data.tokenizer_model
     last_saved = step if resume_path else None
     try:
+        if cfg.eval.at_start:
+            evaluate(cfg, state, valid_ds, runtime, step, metrics)
+            throughput.restart()
         while step < cfg.train.max_steps:
             result = train_step(state, train_iter, num_micro, seq, mbs, runtime.device)
             step += 1
@@ -142,8 +148,7 @@ def train(cfg: RunConfig) -> dict:
                     logger.info(console_line(record, cfg.train.max_steps, eta))
                 metrics.write(record)
             if cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.max_steps):
-                val_loss = evaluate(cfg, state, valid_ds, runtime, step)
-                metrics.write({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                evaluate(cfg, state, valid_ds, runtime, step, metrics)
                 throughput.restart()
             if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
                 ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
@@ -160,13 +165,14 @@ def train(cfg: RunConfig) -> dict:
             if cfg.checkpoint.interval > 0 and last_saved != step:
                 ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
     finally:
+        stop.restore()
         metrics.close()
         if cfg.train.manual_gc_interval:
             gc.enable()
     return {"step": step, "losses": losses, "consumed_samples": consumed}
 
 
-def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int) -> float:
+def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int, metrics: MetricsWriter) -> float:
     """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
     if valid_ds is None:
         return float("nan")
@@ -178,6 +184,8 @@ def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int) -> fl
     for _ in range(cfg.eval.iters):
         total += eval_step(state, iterator, num_micro, cfg.data.seq_length, mbs, runtime.device)
     val_loss = total / max(cfg.eval.iters, 1)
+    val_ppl = math.exp(min(val_loss, 50))
     if runtime.is_main:
-        logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, math.exp(min(val_loss, 50)))
+        logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, val_ppl)
+    metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
     return val_loss

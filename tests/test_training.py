@@ -1,0 +1,157 @@
+"""The training loop on CPU: exact resume, parallel layouts, resharding, failures, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_python
+
+SMOKE = ["-m", "megatron_plugin.recipes.run", "smoke"]
+# Short, fast settings: 30 steps, a checkpoint every 10, a log line every step.
+SHORT = ["train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "eval.interval=10", "eval.iters=1"]
+
+
+def read_metrics(run_dir) -> tuple[dict, dict]:
+    """(step -> training record, step -> validation record); later records of a step win."""
+    train, val = {}, {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            (val if "val_loss" in record else train)[record["step"]] = record
+    return train, val
+
+
+def latest(run_dir) -> str | None:
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    return open(pointer).read().strip() if os.path.exists(pointer) else None
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
+    return run_dir, result
+
+
+def test_smoke_trains_and_metrics_are_complete(straight_run):
+    run_dir, result = straight_run
+    train, val = read_metrics(run_dir)
+    assert sorted(train) == list(range(1, 31))
+    assert train[30]["loss"] < 0.6 * train[1]["loss"]
+    fields = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops_per_gpu", "mfu", "consumed_samples", "elapsed_s"}
+    assert fields <= set(train[5])
+    from megatron_plugin.model import flops_per_token
+    from megatron_plugin.recipes.presets import get_preset
+
+    cfg = get_preset("smoke")
+    fpt = flops_per_token(cfg.model, cfg.data.seq_length)
+    for record in train.values():
+        assert record["tflops_per_gpu"] == pytest.approx(fpt * record["tokens_per_s"] / 1e12, rel=1e-9)
+    assert train[30]["consumed_samples"] == 30 * cfg.train.global_batch_size
+    assert set(val) == {10, 20, 30} and all(v["val_ppl"] > 1 for v in val.values())
+    assert latest(run_dir) == "iter_0000030"
+    assert os.path.isdir(os.path.join(run_dir, "tensorboard"))
+    assert os.path.isfile(os.path.join(run_dir, "config.yaml"))
+    assert "CPU mode on" in result.stderr
+
+
+def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    run_dir = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable] + SMOKE + SHORT + [f"run.dir={run_dir}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while latest(run_dir) not in ("iter_0000010", "iter_0000020") and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = int(latest(run_dir).split("_")[1])
+    assert resumed_from < 30
+    result = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
+    assert f"resumed from" in result.stderr
+    expected, _ = read_metrics(straight_dir)
+    got, _ = read_metrics(run_dir)
+    for step in range(resumed_from + 1, 31):
+        assert got[step]["loss"] == expected[step]["loss"], f"step {step}"
+        assert got[step]["lr"] == expected[step]["lr"]
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.tensor=1"])
+def test_parallel_layouts_train(layout, tmp_path):
+    """TP=2, PP=2 and DP=2 (the distributed optimizer), each with two gloo processes."""
+    run_dir = tmp_path / "run"
+    run_python(SMOKE + SHORT[:1] + ["train.max_steps=20", "log.interval=1", "eval.interval=20",
+                                    "eval.iters=1", "checkpoint.interval=20", layout, f"run.dir={run_dir}"], nproc=2)
+    train, val = read_metrics(run_dir)
+    assert train[20]["loss"] < 0.6 * train[1]["loss"]
+    if layout == "parallel.tensor=2":
+        # the TP=2 checkpoint resumes at TP=1 with the same validation loss
+        result = run_python(SMOKE + ["train.max_steps=20", "eval.at_start=true", "eval.iters=1",
+                                     f"run.dir={run_dir}"])
+        assert "resharded" in result.stderr
+        _, val_after = read_metrics(run_dir)
+        assert val_after[20]["val_loss"] == pytest.approx(val[20]["val_loss"], rel=1e-5)
+
+
+def test_crash_during_save_keeps_previous_latest(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_python(["tests/train_worker.py", "crash-save", "20", "smoke"] + SHORT + [f"run.dir={run_dir}"],
+                        check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert latest(run_dir) == "iter_0000010"
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "iter_0000020.partial"))
+    result = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
+    assert "resumed from" in result.stderr and "iter_0000010" in result.stderr
+    assert latest(run_dir) == "iter_0000030"
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "iter_0000020.partial"))
+
+
+def test_full_disk_fails_the_save_loudly(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_python(["tests/train_worker.py", "enospc", "20", "smoke"] + SHORT + [f"run.dir={run_dir}"],
+                        check=False)
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr and "iter_0000010" in result.stderr
+    assert latest(run_dir) == "iter_0000010"
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "iter_0000010", "optimizer"))
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints", "iter_0000020.partial"))
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_python(["tests/train_worker.py", "nan", "15", "smoke"] + SHORT + [f"run.dir={run_dir}"],
+                        check=False)
+    assert result.returncode != 0
+    assert "loss is nan at step 15" in result.stderr
+    assert latest(run_dir) == "iter_0000010"
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable] + SMOKE + ["train.max_steps=100000", "log.interval=1",
+                                                        "checkpoint.interval=100000", f"run.dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received" in stderr
+    saved = latest(run_dir)
+    assert saved is not None
+    train, _ = read_metrics(run_dir)
+    assert int(saved.split("_")[1]) >= max(train)
+    result = run_python(SMOKE + [f"train.max_steps={int(saved.split('_')[1]) + 2}", f"run.dir={run_dir}"])
+    assert "resumed from" in result.stderr
