@@ -72,9 +72,23 @@ class PrecisionConfig:
     dtype: str = "bf16"
     # None | "hybrid" | "e4m3": FP8 through Transformer Engine.
     fp8: Optional[str] = None
-    # "tensorwise" (current scaling) | "delayed"
+    # "tensorwise" (current scaling, Megatron-Bridge's default) | "delayed"
     fp8_recipe: str = "tensorwise"
-    fp8_param_gather: bool = False
+    # Keep FP8 copies of the weights and all-gather them in FP8 (distributed optimizer).
+    fp8_param_gather: bool = True
+
+
+@dataclass
+class FusionConfig:
+    """Fused kernels, used when the Transformer Engine layer spec runs on CUDA (the local CPU
+    path has none of them). Defaults follow Megatron-Bridge's Llama 3.2 1B H100 recipe."""
+
+    rope: bool = True  # TE fused rotary embedding (apply_rope_fusion)
+    swiglu: bool = True  # fused bias + SwiGLU activation (bias_activation_fusion)
+    masked_softmax: bool = True  # fused scale + mask + softmax
+    cross_entropy: bool = True  # TE's fused vocab-parallel cross entropy
+    grad_accumulation: bool = True  # weight-gradient GEMM accumulates straight into main_grad
+    persist_layer_norm: bool = True  # TE's persistent norm kernel
 
 
 @dataclass
@@ -158,6 +172,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from megatron_plugin.config import FusionConfig, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +34,25 @@ def uses_transformer_engine(model: ModelConfig) -> bool:
     return model.transformer_impl == "auto" and transformer_engine_available()
 
 
-def transformer_config(
+def transformer_config_kwargs(
     model: ModelConfig,
     parallel: Optional[ParallelConfig] = None,
     precision: Optional[PrecisionConfig] = None,
     train: Optional[TrainConfig] = None,
-):
-    """The Megatron-Core TransformerConfig for a Llama-style decoder."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+    fusion: Optional[FusionConfig] = None,
+    use_te: Optional[bool] = None,
+) -> dict:
+    """The arguments of Megatron-Core's TransformerConfig for a Llama-style decoder. `use_te`
+    (default: detected) says whether the Transformer Engine spec runs, which is what the fused
+    kernels need; kept apart from the TransformerConfig so the mapping can be checked anywhere."""
     parallel = parallel or ParallelConfig()
     precision = precision or PrecisionConfig(dtype="fp32")
     train = train or TrainConfig()
-    use_te = uses_transformer_engine(model)
-    dtype = DTYPES[precision.dtype]
-    fusions = use_te  # the fused kernels below come from TE / Apex and need CUDA
+    fusion = fusion or FusionConfig()
+    if use_te is None:
+        use_te = uses_transformer_engine(model)
     recompute = train.recompute
-    return TransformerConfig(
+    return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -70,26 +72,32 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline,
         context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
+        params_dtype=DTYPES[precision.dtype],
+        pipeline_dtype=DTYPES[precision.dtype],
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
         fp8=precision.fp8,
         fp8_recipe=precision.fp8_recipe if precision.fp8 else "delayed",
         fp8_param=precision.fp8_param_gather and precision.fp8 is not None,
-        bias_activation_fusion=fusions,
-        bias_dropout_fusion=fusions,
-        masked_softmax_fusion=fusions,
-        apply_rope_fusion=fusions,
-        persist_layer_norm=fusions,
-        gradient_accumulation_fusion=fusions,
-        cross_entropy_loss_fusion=fusions,
-        cross_entropy_fusion_impl="te" if fusions else "native",
+        apply_rope_fusion=use_te and fusion.rope,
+        bias_activation_fusion=use_te and fusion.swiglu,
+        masked_softmax_fusion=use_te and fusion.masked_softmax,
+        cross_entropy_loss_fusion=use_te and fusion.cross_entropy,
+        cross_entropy_fusion_impl="te" if use_te and fusion.cross_entropy else "native",
+        gradient_accumulation_fusion=use_te and fusion.grad_accumulation,
+        persist_layer_norm=use_te and fusion.persist_layer_norm,
+        bias_dropout_fusion=use_te,
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         variable_seq_lengths=False,
     )
+
+
+def transformer_config(model: ModelConfig, parallel=None, precision=None, train=None, fusion=None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(model, parallel, precision, train, fusion))
 
 
 def layer_spec(model: ModelConfig):
@@ -110,6 +118,7 @@ def build_gpt_model(
     parallel: Optional[ParallelConfig] = None,
     precision: Optional[PrecisionConfig] = None,
     train: Optional[TrainConfig] = None,
+    fusion: Optional[FusionConfig] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
 ):
@@ -118,7 +127,7 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     parallel = parallel or ParallelConfig()
-    config = transformer_config(model, parallel, precision, train)
+    config = transformer_config(model, parallel, precision, train, fusion)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

@@ -41,24 +41,24 @@ def _wire_schedule_hooks(model: list, optimizer, ddp_config) -> None:
         config.param_sync_func = model[0].start_param_sync
 
 
-def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
-    """GPTModel -> Megatron-Core DDP -> Megatron optimizer (distributed when asked and DP > 1) ->
-    warmup + cosine schedule down to optim.min_lr_ratio x optim.lr."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    gpt = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, cfg.train)
+def ddp_config_kwargs(cfg: RunConfig, data_parallel: int) -> dict:
+    """Megatron-Core DistributedDataParallelConfig arguments. The distributed optimizer only
+    pays off (and is only used) with more than one data-parallel rank."""
     distributed_optimizer = cfg.parallel.distributed_optimizer and data_parallel > 1
-    ddp_config = DistributedDataParallelConfig(
+    return dict(
         grad_reduce_in_fp32=cfg.precision.dtype != "fp32",
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather and distributed_optimizer,
         average_in_collective=cfg.parallel.average_in_collective,
         use_distributed_optimizer=distributed_optimizer,
     )
-    model = [DistributedDataParallel(gpt.config, ddp_config, gpt)]
-    optim_config = OptimizerConfig(
+
+
+def optimizer_config_kwargs(cfg: RunConfig, data_parallel: int) -> dict:
+    """Megatron-Core OptimizerConfig arguments: AdamW (decoupled weight decay); Megatron picks
+    Transformer Engine's fused Adam, else apex's, else torch's."""
+    ddp = ddp_config_kwargs(cfg, data_parallel)
+    return dict(
         optimizer="adam",
         lr=cfg.optim.lr,
         min_lr=cfg.optim.lr * cfg.optim.min_lr_ratio,
@@ -70,10 +70,22 @@ def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
         bf16=cfg.precision.dtype == "bf16",
         fp16=cfg.precision.dtype == "fp16",
         params_dtype=DTYPES[cfg.precision.dtype],
-        use_distributed_optimizer=distributed_optimizer,
-        overlap_param_gather=ddp_config.overlap_param_gather,
+        use_distributed_optimizer=ddp["use_distributed_optimizer"],
+        overlap_param_gather=ddp["overlap_param_gather"],
     )
-    optimizer = get_megatron_optimizer(optim_config, model)
+
+
+def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
+    """GPTModel -> Megatron-Core DDP -> Megatron optimizer (distributed when asked and DP > 1) ->
+    warmup + cosine schedule down to optim.min_lr_ratio x optim.lr."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    gpt = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, cfg.train, cfg.fusion)
+    ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(cfg, data_parallel))
+    model = [DistributedDataParallel(gpt.config, ddp_config, gpt)]
+    optimizer = get_megatron_optimizer(OptimizerConfig(**optimizer_config_kwargs(cfg, data_parallel)), model)
     _wire_schedule_hooks(model, optimizer, ddp_config)
     warmup, decay = lr_schedule_steps(cfg)
     scheduler = OptimizerParamScheduler(
