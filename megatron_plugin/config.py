@@ -140,7 +140,6 @@ class CheckpointConfig:
     # Resumable checkpoints (with optimizer state) kept; older ones become weights-only snapshots.
     keep: int = 3
     resume: str = "auto"  # auto | none | PATH
-    async_save: bool = False
     # Keep a weights-only snapshot of every checkpoint that drops out of the `keep` window.
     weights_only_snapshots: bool = True
 

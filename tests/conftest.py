@@ -29,12 +29,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def child_env(threads: int = 2) -> dict:
+    """The environment for a run started by a test: no inherited torch.distributed rendezvous."""
+    rendezvous = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {key: value for key, value in os.environ.items() if key not in rendezvous}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
 def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
     """`python ARGS` in a new process, or under torchrun with `nproc` processes (gloo on CPU)."""
-    full_env = dict(os.environ)
-    full_env.setdefault("OMP_NUM_THREADS", "1" if nproc > 1 else "2")
-    full_env["PYTHONWARNINGS"] = "ignore"
+    full_env = child_env(threads=1 if nproc > 1 else 2)
     if env:
         full_env.update(env)
     if nproc > 1:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import REPO, run_python
+from conftest import REPO, child_env, run_python
 
 SMOKE = ["-m", "megatron_plugin.recipes.run", "smoke"]
 # Short, fast settings: 30 steps, a checkpoint every 10, a log line every step.
@@ -65,15 +65,17 @@ def test_smoke_trains_and_metrics_are_complete(straight_run):
 def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     straight_dir, _ = straight_run
     run_dir = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    env = child_env()
     proc = subprocess.Popen([sys.executable] + SMOKE + SHORT + [f"run.dir={run_dir}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while latest(run_dir) not in ("iter_0000010", "iter_0000020") and time.time() < deadline:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while latest(run_dir) not in ("iter_0000010", "iter_0000020") and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint-writer processes
+        proc.wait()
     resumed_from = int(latest(run_dir).split("_")[1])
     assert resumed_from < 30
     result = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
@@ -137,21 +139,27 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    env = child_env()
     proc = subprocess.Popen([sys.executable] + SMOKE + ["train.max_steps=100000", "log.interval=1",
                                                         "checkpoint.interval=100000", f"run.dir={run_dir}"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert "SIGTERM received" in stderr
     saved = latest(run_dir)
     assert saved is not None
     train, _ = read_metrics(run_dir)
     assert int(saved.split("_")[1]) >= max(train)
-    result = run_python(SMOKE + [f"train.max_steps={int(saved.split('_')[1]) + 2}", f"run.dir={run_dir}"])
+    # the same LR schedule as the interrupted run, ending two steps after the checkpoint
+    result = run_python(SMOKE + [f"train.max_steps={int(saved.split('_')[1]) + 2}", "optim.decay_steps=100000",
+                                 "optim.warmup_steps=0", f"run.dir={run_dir}"])
     assert "resumed from" in result.stderr

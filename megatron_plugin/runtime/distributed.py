@@ -62,11 +62,12 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         device = torch.device("cpu")
 
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain `python -m ...` single process
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        # Under torchrun the env:// rendezvous; a plain `python -m ...` is a group of one on a free
+        # local port (not written to os.environ, so processes it starts do not inherit it).
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
         dist.init_process_group(
             backend="nccl" if on_cuda else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
