@@ -132,7 +132,9 @@ class MegatronCheckpoint:
         self.model_config = model_config_from_run_config(self.run_config, self.dir / RUN_CONFIG_FILE)
         try:
             self.metadata = dict(dist_checkpointing.load_tensors_metadata(str(self.dir)))
-        except Exception as err:  # torch/DCP raise many kinds for a damaged index
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
             raise CheckpointError(
                 f"cannot read the tensor index of {self.dir} ({type(err).__name__}: {err}); the "
                 "checkpoint is damaged, use an earlier iter_N directory"
@@ -197,7 +199,9 @@ class MegatronCheckpoint:
                 loaded = dist_checkpointing.load(
                     {"t": sharded}, str(self.dir), validate_access_integrity=False
                 )
-        except Exception as err:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # DCP's CheckpointException derives from BaseException
             raise CheckpointError(
                 f"cannot read {key!r} from {self.dir} ({type(err).__name__}: {err}); a data file "
                 "is missing or damaged, use an earlier iter_N directory"

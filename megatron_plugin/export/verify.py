@@ -38,7 +38,9 @@ def load_megatron_model(ckpt: MegatronCheckpoint):
     model = build_single_process_model(ckpt.model_config, ckpt.padded_vocab_size, dtype="fp32")
     try:
         state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.dir))
-    except Exception as err:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"cannot load the model from {ckpt.dir}: {type(err).__name__}: {err}") from err
     model.load_state_dict(state["model"])
     return model.eval()
