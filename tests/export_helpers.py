@@ -2,9 +2,9 @@
 trainer's layout (RUN/checkpoints/{latest, iter_N/}) saved at TP/PP > 1 by real gloo processes.
 
 `make_checkpoint` starts `tp * pp` processes of this file (`worker` below) with torchrun's
-environment variables; each builds its part of a GPTModel, trains it a few steps (PP=1) or
-perturbs it (PP>1, so that no weight keeps its initial value, e.g. RMSNorm weights of 1), computes
-reference logits on fixed tokens with the sharded model itself, and saves with dist_checkpointing.
+environment variables; each builds its part of a GPTModel with the package's training state
+(Megatron DDP + optimizer), trains a few steps, computes reference logits on fixed tokens with the
+sharded model itself (PP=1), and saves model + optimizer state with dist_checkpointing.
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ def _free_port() -> int:
 
 
 def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, iteration: int = 3,
-                    dtype: str = "fp32", timeout: int = 240) -> Path:
-    """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp into run_dir/checkpoints."""
+                    dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
+    """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp into run_dir/checkpoints.
+    ddp_keys: save the model through Megatron's DDP wrapper, whose keys carry a "module." prefix,
+    instead of the bare GPTModel (the checkpoint contract's default keys)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "run_dir": str(run_dir),
@@ -103,6 +105,7 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
         "pp": pp,
         "iteration": iteration,
         "dtype": dtype,
+        "ddp_keys": ddp_keys,
     }
     spec_path = run_dir / "fixture_spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -129,49 +132,56 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
     return run_dir / "checkpoints" / f"iter_{iteration:07d}"
 
 
+def _batches(vocab_size: int, micro_batch: int, seq: int, seed: int = 11):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        sample = torch.randint(0, vocab_size, (micro_batch, seq + 1), generator=gen)
+        yield {
+            "tokens": sample[:, :-1],
+            "labels": sample[:, 1:],
+            "loss_mask": torch.ones(micro_batch, seq),
+            "position_ids": torch.arange(seq).unsqueeze(0).expand(micro_batch, seq),
+        }
+
+
 def _worker(spec_path: str) -> None:
+    """One rank: the package's own training path (Megatron DDP, optimizer, pipeline schedule),
+    a few steps at a high LR so that every weight, norms included, moves off its init, then a
+    resumable checkpoint in the trainer's layout (model + optimizer + iteration)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
-    from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
-    from megatron_plugin.model.build import build_gpt_model
+    from megatron_plugin.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig,
+                                        TrainConfig)
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
+    from megatron_plugin.training.optimizer import build_train_state
+    from megatron_plugin.training.step import train_step
 
     spec = json.loads(Path(spec_path).read_text())
     model_cfg = ModelConfig(**spec["model"])
-    parallel = ParallelConfig(tensor=spec["tp"], pipeline=spec["pp"])
-    precision = PrecisionConfig(dtype=spec["dtype"])
-    runtime = init_distributed(parallel, seed=1234)
-    model = build_gpt_model(model_cfg, parallel, precision)
-    tokens = reference_tokens(model_cfg.vocab_size)
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    seq = 16
+    run = RunConfig(
+        model=model_cfg,
+        parallel=ParallelConfig(tensor=spec["tp"], pipeline=spec["pp"], distributed_optimizer=False),
+        precision=PrecisionConfig(dtype=spec["dtype"]),
+        train=TrainConfig(max_steps=100, micro_batch_size=2, global_batch_size=4, seed=1234),
+        optim=OptimConfig(lr=2e-2, weight_decay=0.0),
+    )
+    runtime = init_distributed(run.parallel, seed=run.train.seed)
+    state = build_train_state(run, runtime.data_parallel)
+    data = _batches(model_cfg.vocab_size, run.train.micro_batch_size, seq)
+    for _ in range(3):
+        train_step(state, data, num_microbatches=2, seq_length=seq, micro_batch_size=2, device=runtime.device)
+    gpt = state.model[0].module
     if spec["pp"] == 1:
-        # A few real optimizer steps, so every weight (norms included) moves off its init.
-        optimizer = torch.optim.Adam(model.parameters(), lr=2e-2)
-        gen = torch.Generator().manual_seed(11)
-        for _ in range(3):
-            batch = torch.randint(0, model_cfg.vocab_size, (2, 17), generator=gen)
-            loss = model(batch[:, :-1], positions, None, labels=batch[:, 1:])
-            loss.float().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.eval()
+        tokens = reference_tokens(model_cfg.vocab_size)
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        gpt.eval()
         with torch.no_grad():
-            logits = model(tokens, positions, None)
+            logits = gpt(tokens, positions, None)
             logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
         if runtime.rank == 0:
             torch.save(logits[..., : model_cfg.vocab_size].float(), Path(spec["run_dir"]) / REFERENCE_FILE)
-    else:
-        # No pipeline schedule here: perturb instead. Replicated weights (norms) get the same
-        # noise on every TP rank, as training would keep them equal.
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        with torch.no_grad():
-            for index, (name, param) in enumerate(model.named_parameters()):
-                sharded = getattr(param, "tensor_model_parallel", False)
-                seed = 1000 * pp_rank + 10 * index + (tp_rank if sharded else 0)
-                gen = torch.Generator().manual_seed(seed)
-                param.add_(0.05 * torch.randn(param.shape, generator=gen).to(param.dtype))
 
     ckpt_root = Path(spec["run_dir"]) / "checkpoints"
     name = f"iter_{spec['iteration']:07d}"
@@ -179,10 +189,15 @@ def _worker(spec_path: str) -> None:
     if runtime.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": spec["iteration"]}, str(ckpt_dir))
+    model_state = (state.model[0] if spec["ddp_keys"] else gpt).sharded_state_dict()
+    checkpoint = {
+        "model": model_state,
+        "optimizer": state.optimizer.sharded_state_dict(model_state),
+        "iteration": spec["iteration"],
+    }
+    dist_checkpointing.save(checkpoint, str(ckpt_dir))
     dist.barrier()
     if runtime.rank == 0:
-        run = RunConfig(model=model_cfg, parallel=parallel, precision=precision)
         (ckpt_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
         shutil.copyfile(spec["tokenizer"], ckpt_dir / "tokenizer.model")
         (ckpt_root / "latest").write_text(name + "\n")

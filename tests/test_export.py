@@ -118,7 +118,7 @@ def pp2_tied_run(tmp_path_factory, sp_model) -> Path:
     run = tmp_path_factory.mktemp("run_pp2_tied")
     model = helpers.tiny_model_config(vocab_size=VOCAB, num_layers=4, num_attention_heads=4, num_query_groups=1,
                                       tie_embeddings=True)
-    helpers.make_checkpoint(run, model, sp_model, pp=2)
+    helpers.make_checkpoint(run, model, sp_model, pp=2, ddp_keys=True)
     return run
 
 
@@ -140,6 +140,10 @@ def test_cli_exports_pp2_tied_checkpoint_and_verifies(pp2_tied_run, tmp_path, ca
 
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert "lm_head.weight" not in handle.keys()
+    from megatron_plugin.export.checkpoint import MegatronCheckpoint, process_group
+
+    with process_group():  # the fixture saved through the DDP wrapper: keys carry "module."
+        assert MegatronCheckpoint(pp2_tied_run / "checkpoints").key_prefix == "module."
 
 
 def test_corrupt_data_file_fails_and_leaves_no_output(tp2_run, tmp_path):

@@ -120,6 +120,22 @@ def process_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _model_key_prefix(stored: dict, ckpt_dir: Path) -> str:
+    """The prefix of the model's keys: "" for `gpt_model.sharded_state_dict()`, "module." when
+    the trainer saved through Megatron's DDP wrapper."""
+    prefixes = sorted(
+        (key[: -len(mapping.EMBEDDING)] for key in stored
+         if key.endswith(mapping.EMBEDDING) and not key.startswith("optimizer.")),
+        key=len,
+    )
+    if not prefixes:
+        raise CheckpointError(
+            f"{ckpt_dir} holds no {mapping.EMBEDDING!r}: it is not a GPT model checkpoint "
+            f"(keys: {sorted(stored)[:8]}...)"
+        )
+    return prefixes[0]
+
+
 class MegatronCheckpoint:
     """Tensor-at-a-time access to one checkpoint directory. Use inside `process_group()`."""
 
@@ -131,7 +147,7 @@ class MegatronCheckpoint:
         self.run_config = read_run_config(self.dir)
         self.model_config = model_config_from_run_config(self.run_config, self.dir / RUN_CONFIG_FILE)
         try:
-            self.metadata = dict(dist_checkpointing.load_tensors_metadata(str(self.dir)))
+            stored = dict(dist_checkpointing.load_tensors_metadata(str(self.dir)))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # DCP's CheckpointException derives from BaseException
@@ -139,12 +155,13 @@ class MegatronCheckpoint:
                 f"cannot read the tensor index of {self.dir} ({type(err).__name__}: {err}); the "
                 "checkpoint is damaged, use an earlier iter_N directory"
             ) from err
-        if mapping.EMBEDDING not in self.metadata:
-            raise CheckpointError(
-                f"{self.dir} holds no {mapping.EMBEDDING!r}: it is not a GPT model checkpoint "
-                f"(keys: {sorted(self.metadata)[:8]}...)"
-            )
-        self._layer_keys: Dict[str, Tuple[str, bool]] = {}
+        self.key_prefix = _model_key_prefix(stored, self.dir)
+        # Model tensors by their GPTModel key (prefix removed); optimizer state etc. are skipped.
+        self.metadata = {
+            key[len(self.key_prefix):]: value
+            for key, value in stored.items()
+            if key.startswith(self.key_prefix) and not key.startswith("optimizer.")
+        }
 
     # -- what is in it ---------------------------------------------------------------------
     @property
@@ -213,7 +230,7 @@ class MegatronCheckpoint:
         from megatron.core.dist_checkpointing import ShardedTensor
 
         buf = torch.empty(self.shape(key), dtype=self.dtype(key))
-        return self._load(key, ShardedTensor.from_rank_offsets(key, buf, replica_id=0))
+        return self._load(key, ShardedTensor.from_rank_offsets(self.key_prefix + key, buf, replica_id=0))
 
     def load_layer(self, role: str, layer: int) -> torch.Tensor:
         """One decoder layer's tensor of `role`, read as a slice of the stacked key."""
@@ -226,5 +243,5 @@ class MegatronCheckpoint:
         if layer >= shape[0]:
             raise CheckpointError(f"{key!r} in {self.dir} has {shape[0]} layers, layer {layer} asked")
         buf = torch.empty((1,) + shape[1:], dtype=self.dtype(key))
-        sharded = ShardedTensor.from_rank_offsets(key, buf, (0, layer, shape[0]), replica_id=0)
+        sharded = ShardedTensor.from_rank_offsets(self.key_prefix + key, buf, (0, layer, shape[0]), replica_id=0)
         return self._load(key, sharded)[0]

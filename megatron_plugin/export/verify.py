@@ -37,12 +37,14 @@ def load_megatron_model(ckpt: MegatronCheckpoint):
 
     model = build_single_process_model(ckpt.model_config, ckpt.padded_vocab_size, dtype="fp32")
     try:
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.dir))
+        sharded = model.sharded_state_dict(prefix=ckpt.key_prefix)
+        state = dist_checkpointing.load({"model": sharded}, str(ckpt.dir))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"cannot load the model from {ckpt.dir}: {type(err).__name__}: {err}") from err
-    model.load_state_dict(state["model"])
+    prefix = len(ckpt.key_prefix)
+    model.load_state_dict({key[prefix:]: value for key, value in state["model"].items()})
     return model.eval()
 
 
