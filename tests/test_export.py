@@ -66,9 +66,14 @@ def test_folder_layout_and_config(tp2_export):
     assert "lm_head.weight" in index["weight_map"]
 
 
-def test_loads_without_missing_or_unexpected_weights(tp2_export):
+def test_loads_without_missing_or_unexpected_weights(tp2_export, capfd):
+    capfd.readouterr()
     model, info = _load_hf(tp2_export)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    # transformers prints a "LOAD REPORT" table (MISSING / UNEXPECTED / MISMATCH rows) otherwise.
+    printed = capfd.readouterr()
+    for word in ("LOAD REPORT", "MISSING", "UNEXPECTED", "MISMATCH", "newly initialized"):
+        assert word not in printed.err + printed.out
     # Padded vocabulary rows are gone.
     assert model.model.embed_tokens.weight.shape == (VOCAB, 64)
     assert model.lm_head.weight.shape == (VOCAB, 64)
@@ -200,3 +205,11 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     assert main(["--checkpoint", str(tmp_path / "checkpoints"), "--output", str(tmp_path / "hf")]) == 1
     assert not (tmp_path / "hf").exists()
+
+
+def test_checkpoint_paths_resolve(tp2_run):
+    from megatron_plugin.export.checkpoint import resolve_checkpoint_dir
+
+    expected = tp2_run / "checkpoints" / "iter_0000003"
+    for path in (tp2_run, tp2_run / "checkpoints", expected):
+        assert resolve_checkpoint_dir(path) == expected

@@ -39,10 +39,13 @@ class CheckpointError(RuntimeError):
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """`RUN/checkpoints` (follows its `latest` file) or `RUN/checkpoints/iter_N` -> the iter dir."""
+    """`RUN/checkpoints` (follows its `latest` file), `RUN/checkpoints/iter_N`, or the run folder
+    `RUN` itself -> the iter dir."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
+    if not (path / LATEST_FILE).exists() and (path / "checkpoints" / LATEST_FILE).exists():
+        path = path / "checkpoints"
     if (path / "metadata.json").exists() or ITER_DIR.match(path.name):
         return path
     latest = path / LATEST_FILE
@@ -111,6 +114,13 @@ def process_group() -> Iterator[None]:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            # Every rank would have to take part in each read; export from its own process.
+            raise RuntimeError(
+                "megatron_plugin.export reads checkpoints in a single process, but "
+                f"torch.distributed is running with {dist.get_world_size()} ranks; run the export "
+                "as its own command (python -m megatron_plugin.export)"
+            )
         yield
         return
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
