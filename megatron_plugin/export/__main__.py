@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weights dtype (export default bf16; import default: the folder's)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file, e.g. 2GB, 500MB (default %(default)s)")
-    parser.add_argument("--tokenizer", help="SentencePiece model to ship instead of the checkpoint's tokenizer.model")
+    parser.add_argument("--tokenizer",
+                        help="SentencePiece model to ship instead of the checkpoint's tokenizer.model")
     parser.add_argument("--tensor-parallel", type=int, default=1,
                         help="import: TP size training will resume with (sets vocabulary padding)")
     parser.add_argument("--verify", action="store_true",
@@ -99,7 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             from megatron_plugin.export.from_hf import import_hf
 
-            iter_dir = import_hf(args.from_hf, args.output, tensor_parallel=args.tensor_parallel, dtype=args.dtype)
+            iter_dir = import_hf(args.from_hf, args.output, tensor_parallel=args.tensor_parallel,
+                                 dtype=args.dtype)
             print(f"imported {args.from_hf} -> {iter_dir} in {time.time() - started:.1f}s")
             if args.verify:
                 from megatron_plugin.export.checkpoint import read_run_config

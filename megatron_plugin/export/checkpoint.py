@@ -253,5 +253,7 @@ class MegatronCheckpoint:
         if layer >= shape[0]:
             raise CheckpointError(f"{key!r} in {self.dir} has {shape[0]} layers, layer {layer} asked")
         buf = torch.empty((1,) + shape[1:], dtype=self.dtype(key))
-        sharded = ShardedTensor.from_rank_offsets(self.key_prefix + key, buf, (0, layer, shape[0]), replica_id=0)
+        sharded = ShardedTensor.from_rank_offsets(
+            self.key_prefix + key, buf, (0, layer, shape[0]), replica_id=0
+        )
         return self._load(key, sharded)[0]

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 ITER_DIR = re.compile(r"^iter_\d+$")
 # Buffers some older exports saved along with the weights; they are recomputed, never loaded.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_DTYPE_ARG = {dtype: arg for arg, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))}
+_DTYPE_ARG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class HFWeights:
@@ -45,7 +45,8 @@ class HFWeights:
             has_bin = any(folder.glob("pytorch_model*.bin"))
             raise UnsupportedModelError(
                 f"{folder} has no model.safetensors or model.safetensors.index.json"
-                + (" (only pytorch_model*.bin: re-save it with save_pretrained(..., safe_serialization=True))" if has_bin else "")
+                + (" (only pytorch_model*.bin: re-save it with save_pretrained(..., "
+                   "safe_serialization=True))" if has_bin else "")
             ) from None
         from safetensors import safe_open
 
@@ -75,7 +76,10 @@ class HFWeights:
 
 def _expected_tensors(model) -> Dict[str, tuple]:
     shapes = model_shapes(model)
-    expected = {mapping.HF_EMBEDDING: (model.vocab_size, model.hidden_size), mapping.HF_FINAL_NORM: (model.hidden_size,)}
+    expected = {
+        mapping.HF_EMBEDDING: (model.vocab_size, model.hidden_size),
+        mapping.HF_FINAL_NORM: (model.hidden_size,),
+    }
     if not model.tie_embeddings:
         expected[mapping.HF_LM_HEAD] = (model.vocab_size, model.hidden_size)
     for layer in range(model.num_layers):
@@ -93,7 +97,9 @@ def _check_tensors(weights: HFWeights, model, folder: Path) -> None:
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected))
     if missing:
-        raise UnsupportedModelError(f"{folder}: tensors missing for the model config.json describes: {missing[:6]}")
+        raise UnsupportedModelError(
+            f"{folder}: tensors missing for the model config.json describes: {missing[:6]}"
+        )
     if unexpected:
         raise UnsupportedModelError(
             f"{folder}: tensors our model has no place for (a different architecture?): {unexpected[:6]}"
@@ -141,7 +147,9 @@ def import_hf(
         dtype = _DTYPE_ARG.get(stored, "fp32")
     sp_model = folder / TOKENIZER_FILE
     if not sp_model.exists():
-        logger.warning("%s has no tokenizer.model; the checkpoint will have none (set data.tokenizer_model)", folder)
+        logger.warning(
+            "%s has no tokenizer.model; the checkpoint will have none (set data.tokenizer_model)", folder
+        )
         sp_model = None
 
     checkpoints, iter_dir = _resolve_target(Path(output))

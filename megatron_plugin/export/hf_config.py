@@ -60,7 +60,9 @@ def to_hf_config(
     }
 
 
-def generation_config(bos_token_id: Optional[int], eos_token_id: Optional[int], pad_token_id: Optional[int]) -> Dict[str, Any]:
+def generation_config(
+    bos_token_id: Optional[int], eos_token_id: Optional[int], pad_token_id: Optional[int]
+) -> Dict[str, Any]:
     import transformers
 
     config: Dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
@@ -112,7 +114,8 @@ def from_hf_config(config: Dict[str, Any]) -> ModelConfig:
     need("hidden_size", hidden % heads == 0, f"a multiple of num_attention_heads ({heads})")
     need("num_key_value_heads", heads % groups == 0, f"a divisor of num_attention_heads ({heads})")
     head_dim = config.get("head_dim")
-    need("head_dim", head_dim in (None, hidden // heads), f"hidden_size / num_attention_heads = {hidden // heads}")
+    need("head_dim", head_dim in (None, hidden // heads),
+         f"hidden_size / num_attention_heads = {hidden // heads}")
     return ModelConfig(
         vocab_size=config["vocab_size"],
         hidden_size=hidden,

@@ -154,10 +154,14 @@ def join_role(role: str, tensors: Sequence[torch.Tensor], shapes: Shapes) -> tor
 def megatron_param_name(layer: Optional[int], role: str, local_spec: bool = True) -> str:
     """The parameter name inside a (non-stacked) GPTModel built with our layer spec."""
     names = {
-        "input_layernorm": "input_layernorm.weight" if local_spec else "self_attention.linear_qkv.layer_norm_weight",
+        "input_layernorm": (
+            "input_layernorm.weight" if local_spec else "self_attention.linear_qkv.layer_norm_weight"
+        ),
         "qkv": "self_attention.linear_qkv.weight",
         "proj": "self_attention.linear_proj.weight",
-        "post_attention_layernorm": "pre_mlp_layernorm.weight" if local_spec else "mlp.linear_fc1.layer_norm_weight",
+        "post_attention_layernorm": (
+            "pre_mlp_layernorm.weight" if local_spec else "mlp.linear_fc1.layer_norm_weight"
+        ),
         "fc1": "mlp.linear_fc1.weight",
         "fc2": "mlp.linear_fc2.weight",
     }

@@ -55,9 +55,13 @@ def _check_shapes(ckpt: MegatronCheckpoint) -> None:
     source = ckpt.dir / "run_config.json"
     rows, hidden = ckpt.shape(mapping.EMBEDDING)
     if hidden != model.hidden_size:
-        raise CheckpointError(f"{mapping.EMBEDDING} has hidden size {hidden} but {source} says {model.hidden_size}")
+        raise CheckpointError(
+            f"{mapping.EMBEDDING} has hidden size {hidden} but {source} says {model.hidden_size}"
+        )
     if rows < model.vocab_size:
-        raise CheckpointError(f"{mapping.EMBEDDING} has {rows} rows, fewer than vocab_size {model.vocab_size} in {source}")
+        raise CheckpointError(
+            f"{mapping.EMBEDDING} has {rows} rows, fewer than vocab_size {model.vocab_size} in {source}"
+        )
     if model.tie_embeddings != ckpt.tied_embeddings:
         raise CheckpointError(
             f"{source} says tie_embeddings={model.tie_embeddings} but the checkpoint "
@@ -65,7 +69,9 @@ def _check_shapes(ckpt: MegatronCheckpoint) -> None:
         )
     key, stacked = ckpt.layer_source("qkv", 0)
     if stacked and ckpt.shape(key)[0] != model.num_layers:
-        raise CheckpointError(f"{key} holds {ckpt.shape(key)[0]} layers but {source} says num_layers={model.num_layers}")
+        raise CheckpointError(
+            f"{key} holds {ckpt.shape(key)[0]} layers but {source} says num_layers={model.num_layers}"
+        )
     shapes = model_shapes(model)
     for role in mapping.LAYER_SOURCES:
         got = ckpt.layer_shape(role, 0)
@@ -97,7 +103,9 @@ def _plan(ckpt: MegatronCheckpoint) -> List[_Job]:
                     shapes=shapes.hf_shapes(role),
                 )
             )
-    jobs.append(_Job(lambda: ckpt.load(mapping.FINAL_NORM), lambda t: (t,), [mapping.HF_FINAL_NORM], [(hidden,)]))
+    jobs.append(
+        _Job(lambda: ckpt.load(mapping.FINAL_NORM), lambda t: (t,), [mapping.HF_FINAL_NORM], [(hidden,)])
+    )
     if not model.tie_embeddings:
         jobs.append(
             _Job(lambda: ckpt.load(mapping.OUTPUT_LAYER), drop_padding, [mapping.HF_LM_HEAD], [(vocab, hidden)])
@@ -143,7 +151,15 @@ def export_checkpoint(
             for job in jobs:
                 source = job.load()
                 for name, part in zip(job.names, job.split(source)):
-                    writer.write(name, part.to(out_dtype))
+                    converted = part.to(out_dtype)
+                    narrowed = out_dtype == torch.float16 and part.dtype != torch.float16
+                    if narrowed and not torch.isfinite(converted).all():
+                        raise CheckpointError(
+                            f"{name} has values beyond fp16's range (max |x| "
+                            f"{part.abs().max().item():.3g}); export with --dtype bf16 or fp32"
+                        )
+                    writer.write(name, converted)
+                    del converted, part
                 del source
         except BaseException:
             writer.abort()
