@@ -91,11 +91,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, iteration: int = 3,
-                    dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
-    """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp into run_dir/checkpoints.
-    ddp_keys: save the model through Megatron's DDP wrapper, whose keys carry a "module." prefix,
-    instead of the bare GPTModel (the checkpoint contract's default keys)."""
+def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, dp: int = 1,
+                    iteration: int = 3, dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
+    """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp, DP=dp into run_dir/checkpoints
+    (DP > 1 uses Megatron's distributed optimizer). ddp_keys: save the model through Megatron's
+    DDP wrapper, whose keys carry a "module." prefix, instead of the bare GPTModel (the checkpoint
+    contract's default keys)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = {
         "run_dir": str(run_dir),
@@ -106,10 +107,11 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
         "iteration": iteration,
         "dtype": dtype,
         "ddp_keys": ddp_keys,
+        "dp": dp,
     }
     spec_path = run_dir / "fixture_spec.json"
     spec_path.write_text(json.dumps(spec))
-    world = tp * pp
+    world = tp * pp * dp
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -162,9 +164,9 @@ def _worker(spec_path: str) -> None:
     seq = 16
     run = RunConfig(
         model=model_cfg,
-        parallel=ParallelConfig(tensor=spec["tp"], pipeline=spec["pp"], distributed_optimizer=False),
+        parallel=ParallelConfig(tensor=spec["tp"], pipeline=spec["pp"], distributed_optimizer=True),
         precision=PrecisionConfig(dtype=spec["dtype"]),
-        train=TrainConfig(max_steps=100, micro_batch_size=2, global_batch_size=4, seed=1234),
+        train=TrainConfig(max_steps=100, micro_batch_size=2, global_batch_size=4 * spec["dp"], seed=1234),
         optim=OptimConfig(lr=2e-2, weight_decay=0.0),
     )
     runtime = init_distributed(run.parallel, seed=run.train.seed)
@@ -192,7 +194,10 @@ def _worker(spec_path: str) -> None:
     model_state = (state.model[0] if spec["ddp_keys"] else gpt).sharded_state_dict()
     checkpoint = {
         "model": model_state,
-        "optimizer": state.optimizer.sharded_state_dict(model_state),
+        # The trainer's settings for a reshardable distributed-optimizer state (DESIGN.md §6).
+        "optimizer": state.optimizer.sharded_state_dict(
+            model_state, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        ),
         "iteration": spec["iteration"],
     }
     dist_checkpointing.save(checkpoint, str(ckpt_dir))

@@ -1,4 +1,5 @@
-"""Checkpoint -> Hugging Face export on CPU: a TP=2 checkpoint, a PP=2 tied one, GQA throughout."""
+"""Checkpoint -> Hugging Face export on CPU: checkpoints trained at TP=2, PP=2 (tied embeddings)
+and DP=2 (distributed optimizer) by gloo processes; GQA throughout."""
 
 from __future__ import annotations
 
@@ -213,3 +214,17 @@ def test_checkpoint_paths_resolve(tp2_run):
     expected = tp2_run / "checkpoints" / "iter_0000003"
     for path in (tp2_run, tp2_run / "checkpoints", expected):
         assert resolve_checkpoint_dir(path) == expected
+
+
+def test_dp2_distributed_optimizer_checkpoint_exports(tmp_path, sp_model):
+    """DP=2 with Megatron's distributed optimizer: optimizer state sharded over DP is skipped."""
+    from megatron_plugin.export.to_hf import export_checkpoint
+
+    run = tmp_path / "run_dp2"
+    helpers.make_checkpoint(run, helpers.tiny_model_config(vocab_size=VOCAB), sp_model, dp=2)
+    out = export_checkpoint(run, tmp_path / "hf", dtype="fp32")
+    model, info = _load_hf(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        logits = model(input_ids=helpers.reference_tokens(VOCAB)).logits
+    torch.testing.assert_close(logits, torch.load(run / helpers.REFERENCE_FILE), atol=1e-4, rtol=1e-4)
