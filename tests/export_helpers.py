@@ -34,7 +34,7 @@ SAMPLE_TEXT = [
 ]
 
 
-def train_sentencepiece(directory: Path, vocab_size: int = 320) -> Path:
+def train_sentencepiece(directory: Path, vocab_size: int = 320, **options) -> Path:
     import sentencepiece as spm
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def train_sentencepiece(directory: Path, vocab_size: int = 320) -> Path:
     corpus = directory / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")
     prefix = directory / "sp"
-    spm.SentencePieceTrainer.train(
+    settings = dict(
         input=str(corpus),
         model_prefix=str(prefix),
         vocab_size=vocab_size,
@@ -56,6 +56,7 @@ def train_sentencepiece(directory: Path, vocab_size: int = 320) -> Path:
         byte_fallback=True,
         minloglevel=2,
     )
+    spm.SentencePieceTrainer.train(**{**settings, **options})
     return prefix.with_suffix(".model")
 
 

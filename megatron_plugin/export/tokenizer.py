@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 TOKENIZER_MODEL = "tokenizer.model"
+UNIGRAM = 1  # sentencepiece TrainerSpec.ModelType
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,14 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
         )
     ids = special_ids(sp_model)
     proto = _load_proto(sp_model)
-    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    # The converter builds a Unigram model from (piece, score) pairs and a BPE model from a
+    # piece -> id map (merges ranked by piece score).
+    if proto.trainer_spec.model_type == UNIGRAM:
+        # Known gap: a Unigram lattice can still pick a control piece for its literal text
+        # ("</s>" typed in a document), which SentencePiece never does. Our tokenizers are BPE.
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    else:
+        vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     # legacy=True: SentencePiece prefixes the dummy "▁" even when the text starts with a space.
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     if backend is None:
