@@ -102,6 +102,30 @@ def test_parallel_layouts_train(layout, tmp_path):
         assert "resharded" in result.stderr
         _, val_after = read_metrics(run_dir)
         assert val_after[20]["val_loss"] == pytest.approx(val[20]["val_loss"], rel=1e-5)
+        # ... and exports to Hugging Face, whose logits match ours
+        result = run_python(["-m", "megatron_plugin.export", "--checkpoint", str(run_dir / "checkpoints"),
+                             "--output", str(tmp_path / "hf"), "--dtype", "fp32", "--verify"])
+        assert "max" in (result.stdout + result.stderr).lower()
+        assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_continued_pretraining_from_a_hugging_face_folder(straight_run, tmp_path):
+    """Ours -> HF (fp32) -> ours: training starts from exactly the exported weights."""
+    straight_dir, _ = straight_run
+    _, val = read_metrics(straight_dir)
+    run_python(["-m", "megatron_plugin.export", "--checkpoint", str(straight_dir / "checkpoints"),
+                "--output", str(tmp_path / "hf"), "--dtype", "fp32"])
+    run_dir = tmp_path / "continued"
+    run_python(["-m", "megatron_plugin.export", "--from-hf", str(tmp_path / "hf"),
+                "--output", str(run_dir / "checkpoints")])
+    data = [f"data.paths=[{straight_dir}/data/corpus_text_document]", "data.generate_corpus=false",
+            f"data.tokenizer_model={straight_dir}/data/tokenizer.model"]
+    result = run_python(SMOKE + data + ["train.max_steps=5", "eval.at_start=true", "eval.iters=1",
+                                        "eval.interval=5", "log.interval=1", f"run.dir={run_dir}"])
+    assert "weights only: training starts at step 0" in result.stderr
+    train, val_continued = read_metrics(run_dir)
+    assert val_continued[0]["val_loss"] == pytest.approx(val[30]["val_loss"], rel=1e-5)
+    assert sorted(train) == [1, 2, 3, 4, 5]
 
 
 def test_crash_during_save_keeps_previous_latest(tmp_path):

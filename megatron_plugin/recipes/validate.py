@@ -40,9 +40,10 @@ def validate(cfg: RunConfig, world_size: int, check_data: bool = True, cuda: boo
         raise ConfigError(f"precision.dtype={cfg.precision.dtype!r}: use fp32, bf16 or fp16")
     if t.max_steps < 1:
         raise ConfigError(f"train.max_steps={t.max_steps}: must be 1 or more")
-    if cfg.optim.warmup_steps >= t.max_steps:
+    if cfg.optim.warmup_steps > t.max_steps:
         raise ConfigError(
-            f"optim.warmup_steps ({cfg.optim.warmup_steps}) must be below train.max_steps ({t.max_steps})"
+            f"optim.warmup_steps ({cfg.optim.warmup_steps}) is above train.max_steps ({t.max_steps}): "
+            "lower the warmup"
         )
     if cfg.log.interval < 1:
         raise ConfigError(f"log.interval={cfg.log.interval}: must be 1 or more")

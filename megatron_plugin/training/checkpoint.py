@@ -49,6 +49,7 @@ class Resumed:
     consumed_samples: int
     path: str
     layout_changed: bool
+    weights_only: bool = False
 
 
 def checkpoint_root(cfg: RunConfig) -> str:
@@ -234,24 +235,62 @@ def resolve_resume(cfg: RunConfig) -> Optional[str]:
     return path
 
 
+_SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
+                 "ffn_hidden_size", "tie_embeddings", "make_vocab_size_divisible_by")
+
+
+def _check_model_matches(cfg: RunConfig, path: str, saved_run: dict, saved_tp: int) -> None:
+    """A clear message instead of a shape error deep inside distributed checkpointing."""
+    saved_model = saved_run.get("model", {})
+    for name in _SHAPE_FIELDS:
+        if name in saved_model and saved_model[name] != getattr(cfg.model, name):
+            raise CheckpointError(
+                f"{path} holds a model with model.{name}={saved_model[name]}, this run has "
+                f"model.{name}={getattr(cfg.model, name)}: set model.{name}={saved_model[name]} or "
+                "start a new run.dir"
+            )
+    saved_padded = type(cfg.model)(**{k: v for k, v in saved_model.items() if k in cfg.model.__dict__}).padded_vocab_size(saved_tp)
+    if saved_model and saved_padded != cfg.model.padded_vocab_size(cfg.parallel.tensor):
+        raise CheckpointError(
+            f"{path} has its vocabulary padded to {saved_padded} rows (TP={saved_tp}); at "
+            f"parallel.tensor={cfg.parallel.tensor} this run pads to "
+            f"{cfg.model.padded_vocab_size(cfg.parallel.tensor)}: adjust model.make_vocab_size_divisible_by"
+        )
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
-    """Load model (resharded to the current TP/PP layout), optimizer, scheduler and RNG."""
+    """Load the model (resharded to the current TP/PP layout) and, when the checkpoint is
+    resumable, the optimizer, scheduler, RNG and data position. A weights-only checkpoint (an
+    older snapshot, or one imported from Hugging Face) starts a new schedule from its weights."""
     from megatron.core import dist_checkpointing
 
-    with open(os.path.join(path, "train_state.json"), encoding="utf-8") as f:
-        saved = json.load(f)
-    layout_changed = (saved["tensor_parallel"], saved["pipeline_parallel"]) != (
-        cfg.parallel.tensor, cfg.parallel.pipeline)
+    saved = _read_json(os.path.join(path, "train_state.json"))
+    saved_run = _read_json(os.path.join(path, "run_config.json"))
+    saved_layout = (
+        saved.get("tensor_parallel", saved_run.get("parallel", {}).get("tensor", 1)),
+        saved.get("pipeline_parallel", saved_run.get("parallel", {}).get("pipeline", 1)),
+    )
+    _check_model_matches(cfg, path, saved_run, saved_layout[0])
+    layout_changed = saved_layout != (cfg.parallel.tensor, cfg.parallel.pipeline)
     gpt = _gpt(state)
-    model_sd = gpt.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": model_sd}, path)
+    loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, path)
     gpt.load_state_dict(loaded["model"])
+    # bf16/fp16: the optimizer's fp32 master copies were made from the initial weights; refresh
+    # them (a full resume then overwrites them with the saved ones).
+    state.optimizer.reload_model_params()
     optimizer_dir = os.path.join(path, "optimizer")
-    if not os.path.isdir(optimizer_dir):
-        raise CheckpointError(
-            f"{path} is a weights-only snapshot (no optimizer/ folder): it can be exported or used "
-            "to start a new run, not resumed; pick a newer checkpoint with checkpoint.resume=PATH"
-        )
+    if not os.path.isdir(optimizer_dir) or not saved:
+        if _is_rank0():
+            logger.info("%s has weights only: training starts at step 0 from these weights with a "
+                        "new optimizer and LR schedule", path)
+        return Resumed(0, 0, path, layout_changed, weights_only=True)
     model_sd = gpt.sharded_state_dict()
     optimizer_sd = {
         "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA),

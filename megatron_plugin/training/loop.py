@@ -101,7 +101,7 @@ def train(cfg: RunConfig) -> dict:
     if resume_path:
         resumed = ckpt.load_checkpoint(cfg, state, resume_path)
         step, consumed = resumed.step, resumed.consumed_samples
-        if runtime.is_main:
+        if runtime.is_main and not resumed.weights_only:
             logger.info("resumed from %s at step %d (%d samples consumed)%s", resume_path, step,
                         consumed, ", resharded to the new TP/PP layout" if resumed.layout_changed else "")
 
