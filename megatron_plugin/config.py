@@ -140,6 +140,8 @@ class CheckpointConfig:
     # Resumable checkpoints (with optimizer state) kept; older ones become weights-only snapshots.
     keep: int = 3
     resume: str = "auto"  # auto | none | PATH
+    # Write checkpoints in a forked background process while training continues.
+    async_save: bool = False
     # Keep a weights-only snapshot of every checkpoint that drops out of the `keep` window.
     weights_only_snapshots: bool = True
 

@@ -187,3 +187,19 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     result = run_python(SMOKE + [f"train.max_steps={int(saved.split('_')[1]) + 2}", "optim.decay_steps=100000",
                                  "optim.warmup_steps=0", f"run.dir={run_dir}"])
     assert "resumed from" in result.stderr
+
+
+def test_async_save_gives_the_same_run_and_resumable_checkpoints(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    expected, _ = read_metrics(straight_dir)
+    run_dir = tmp_path / "async"
+    run_python(SMOKE + SHORT + ["checkpoint.async_save=true", f"run.dir={run_dir}"])
+    got, _ = read_metrics(run_dir)
+    assert all(got[step]["loss"] == expected[step]["loss"] for step in expected)
+    assert latest(run_dir) == "iter_0000030"
+    # a checkpoint written in the background resumes exactly
+    resumed_dir = tmp_path / "resumed"
+    run_python(SMOKE + SHORT + [f"checkpoint.resume={run_dir}/checkpoints/iter_0000020", f"run.dir={resumed_dir}"])
+    resumed, _ = read_metrics(resumed_dir)
+    assert sorted(resumed) == list(range(21, 31))
+    assert all(resumed[step]["loss"] == expected[step]["loss"] for step in resumed)

@@ -39,12 +39,12 @@ def main() -> int:
         step._loss_func = loss_func
     else:
         real_save = dist_checkpointing.save
-        real_save_checkpoint = checkpoint.save_checkpoint
+        real_checkpointer_save = checkpoint.Checkpointer.save
         current = {"step": None}
 
-        def save_checkpoint(cfg, state, at_step, *args, **kwargs):
+        def checkpointer_save(self, state, at_step, *args, **kwargs):
             current["step"] = at_step
-            return real_save_checkpoint(cfg, state, at_step, *args, **kwargs)
+            return real_checkpointer_save(self, state, at_step, *args, **kwargs)
 
         def save(state_dict, directory, *args, **kwargs):
             if current["step"] == fault_step:
@@ -55,7 +55,7 @@ def main() -> int:
                     os.killpg(os.getpgid(0), signal.SIGKILL)
             return real_save(state_dict, directory, *args, **kwargs)
 
-        checkpoint.save_checkpoint = save_checkpoint
+        checkpoint.Checkpointer.save = checkpointer_save
         dist_checkpointing.save = save
     return run_main(argv)
 

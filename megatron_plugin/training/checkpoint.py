@@ -10,7 +10,8 @@ Layout of RUN/checkpoints/:
 
 A checkpoint is written as iter_N.partial and renamed once every rank has finished, and only
 then does `latest` move: a crash or a full disk during a save leaves the previous checkpoint as
-`latest`. Beyond the newest `checkpoint.keep` checkpoints the optimizer/ folder is deleted,
+`latest`. With checkpoint.async_save a forked writer process does the writing while training
+goes on. Beyond the newest `checkpoint.keep` checkpoints the optimizer/ folder is deleted,
 leaving weights-only snapshots.
 """
 
@@ -137,61 +138,118 @@ def _rng_sharded(state: Optional[dict] = None):
     )
 
 
-def save_checkpoint(cfg: RunConfig, state: TrainState, step: int, consumed_samples: int,
-                    tokenizer_model: Optional[str]) -> str:
-    """Save a resumable checkpoint for `step`, then move `latest` and prune old ones."""
-    from megatron.core import dist_checkpointing
+class Checkpointer:
+    """Saves checkpoints, synchronously or (checkpoint.async_save) in a background process.
 
-    root = checkpoint_root(cfg)
-    name = iter_dir_name(step)
-    final = os.path.join(root, name)
-    partial = final + ".partial"
-    if _is_rank0():
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # a leftover of an interrupted save
-        os.makedirs(partial)
-    _barrier()
-    try:
-        dist_checkpointing.save({"model": _gpt(state).sharded_state_dict()}, partial)
+    An async save writes the optimizer part from a forked writer process (Megatron-Core's
+    AsyncCallsQueue) that sees the state as it was at the fork; training continues, and the
+    checkpoint is renamed into place and named `latest` once every rank's writer has finished.
+    At most one save is in flight."""
+
+    def __init__(self, cfg: RunConfig, tokenizer_model: Optional[str]):
+        self.cfg = cfg
+        self.tokenizer_model = tokenizer_model
+        self.root = checkpoint_root(cfg)
+        self._queue = None
+        self._in_flight: Optional[str] = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+
+    def save(self, state: TrainState, step: int, consumed_samples: int) -> str:
+        from megatron.core import dist_checkpointing
+
+        self.wait()
+        final = os.path.join(self.root, iter_dir_name(step))
+        partial = final + ".partial"
         if _is_rank0():
-            os.makedirs(os.path.join(partial, "optimizer"))
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # a leftover of an interrupted save
+            os.makedirs(partial)
         _barrier()
-        # A fresh model state dict: save() consumed the first one, and the optimizer maps its
-        # states onto the model's sharded tensors by parameter identity.
-        model_sd = _gpt(state).sharded_state_dict()
-        optimizer_sd = {
-            "optimizer": state.optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
-            "scheduler": state.scheduler.state_dict(),
-            "rng": _rng_sharded(),
-        }
-        dist_checkpointing.save(optimizer_sd, os.path.join(partial, "optimizer"))
-        if _is_rank0():
-            _write_json(os.path.join(partial, "train_state.json"), {
-                "step": step,
-                "consumed_samples": consumed_samples,
-                "tensor_parallel": cfg.parallel.tensor,
-                "pipeline_parallel": cfg.parallel.pipeline,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            })
-            _write_json(os.path.join(partial, "run_config.json"), dataclasses.asdict(cfg))
-            if tokenizer_model:
-                shutil.copyfile(tokenizer_model, os.path.join(partial, "tokenizer.model"))
-        _barrier()
-    except Exception as error:
-        if _is_rank0():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(
+        asynchronous = self._queue is not None
+        try:
+            # The model part (1/7 of the bytes with fp32 Adam state) is written synchronously:
+            # Megatron-Core's async writers share one results queue, so two saves may not overlap.
+            dist_checkpointing.save({"model": _gpt(state).sharded_state_dict()}, partial)
+            if _is_rank0():
+                os.makedirs(os.path.join(partial, "optimizer"))
+            _barrier()
+            # A fresh model state dict: save() consumed the first one, and the optimizer maps its
+            # states onto the model's sharded tensors by parameter identity.
+            model_sd = _gpt(state).sharded_state_dict()
+            optimizer_sd = {
+                "optimizer": state.optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
+                "scheduler": state.scheduler.state_dict(),
+                "rng": _rng_sharded(),
+            }
+            optimizer_request = dist_checkpointing.save(
+                optimizer_sd, os.path.join(partial, "optimizer"), async_sharded_save=asynchronous)
+            if _is_rank0():
+                self._write_metadata(partial, step, consumed_samples)
+        except Exception as error:
+            if _is_rank0():
+                shutil.rmtree(partial, ignore_errors=True)
+            raise self._failed(final, error) from error
+        if asynchronous:
+            optimizer_request.add_finalize_fn(lambda: self._publish(partial, final))
+            self._queue.schedule_async_request(optimizer_request)
+            self._in_flight = final
+        else:
+            _barrier()
+            self._publish(partial, final)
+            _barrier()
+        return final
+
+    def poll(self) -> None:
+        """Publish an async save that has finished on every rank (cheap; call every step)."""
+        self._finalize(blocking=False)
+
+    def wait(self) -> None:
+        """Block until the async save in flight, if any, is written and published."""
+        self._finalize(blocking=True)
+
+    def _finalize(self, blocking: bool) -> None:
+        if self._queue is None or self._in_flight is None:
+            return
+        try:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as error:
+            final, self._in_flight = self._in_flight, None
+            if _is_rank0():
+                shutil.rmtree(final + ".partial", ignore_errors=True)
+            raise self._failed(final, error) from error
+        if self._queue.get_num_unfinalized_calls() == 0:
+            self._in_flight = None
+
+    def _failed(self, final: str, error: Exception) -> "CheckpointError":
+        return CheckpointError(
             f"saving checkpoint {final} failed ({type(error).__name__}: {error}); the previous "
-            f"checkpoint ({read_latest(root) or 'none'}) is untouched. Free disk space or fix "
+            f"checkpoint ({read_latest(self.root) or 'none'}) is untouched. Free disk space or fix "
             "checkpoint.* and resume."
-        ) from error
-    if _is_rank0():
+        )
+
+    def _write_metadata(self, partial: str, step: int, consumed_samples: int) -> None:
+        _write_json(os.path.join(partial, "train_state.json"), {
+            "step": step,
+            "consumed_samples": consumed_samples,
+            "tensor_parallel": self.cfg.parallel.tensor,
+            "pipeline_parallel": self.cfg.parallel.pipeline,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        })
+        _write_json(os.path.join(partial, "run_config.json"), dataclasses.asdict(self.cfg))
+        if self.tokenizer_model:
+            shutil.copyfile(self.tokenizer_model, os.path.join(partial, "tokenizer.model"))
+
+    def _publish(self, partial: str, final: str) -> None:
+        """Rank 0, once every rank has written: rename into place, move `latest`, prune."""
+        if not _is_rank0():
+            return
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_latest(root, name)
-        prune(root, cfg.checkpoint.keep, cfg.checkpoint.weights_only_snapshots)
-    _barrier()
-    return final
+        _write_latest(self.root, os.path.basename(final))
+        prune(self.root, self.cfg.checkpoint.keep, self.cfg.checkpoint.weights_only_snapshots)
 
 
 def _write_json(path: str, payload: dict) -> None:

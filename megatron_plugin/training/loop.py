@@ -119,7 +119,7 @@ def train(cfg: RunConfig) -> dict:
     losses = {}
     if cfg.train.manual_gc_interval:
         gc.disable()
-    tokenizer_path = cfg.data.tokenizer_model
+    checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model)
     last_saved = step if resume_path else None
     try:
         if cfg.eval.at_start:
@@ -131,12 +131,14 @@ def train(cfg: RunConfig) -> dict:
             consumed += gbs
             throughput.step()
             if not math.isfinite(result.loss):
+                checkpointer.wait()  # publish a save still in flight: it holds good weights
                 raise NonFiniteLoss(
                     f"loss is {result.loss} at step {step}; stopping. The last good checkpoint "
                     f"({ckpt.read_latest(ckpt.checkpoint_root(cfg)) or 'none'}) stays `latest`: "
                     "lower optim.lr or check the data, then resume"
                 )
             losses[step] = result.loss
+            checkpointer.poll()
             if cfg.train.manual_gc_interval and step % cfg.train.manual_gc_interval == 0:
                 gc.collect()
             if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
@@ -151,19 +153,20 @@ def train(cfg: RunConfig) -> dict:
                 evaluate(cfg, state, valid_ds, runtime, step, metrics)
                 throughput.restart()
             if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
-                ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+                checkpointer.save(state, step, consumed)
                 last_saved = step
                 throughput.restart()
             if stop.any_rank(runtime.device):
                 if last_saved != step:
-                    ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+                    checkpointer.save(state, step, consumed)
                     last_saved = step
                 if runtime.is_main:
                     logger.info("%s received: checkpoint at step %d saved, exiting", stop.received or "stop", step)
                 break
         else:
             if cfg.checkpoint.interval > 0 and last_saved != step:
-                ckpt.save_checkpoint(cfg, state, step, consumed, tokenizer_path)
+                checkpointer.save(state, step, consumed)
+        checkpointer.wait()
     finally:
         stop.restore()
         metrics.close()
