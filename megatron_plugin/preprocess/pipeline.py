@@ -149,8 +149,12 @@ def train_tokenizer(
     **trainer_extra,
 ) -> str:
     """Train a BPE SentencePiece model (byte fallback) on a bounded sample; returns ``PREFIX.model``."""
-    files = expand_inputs(list(inputs))
-    opts = PreprocessOptions(inputs=list(inputs), output_prefix=model_prefix, json_keys=tuple(json_keys),
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [os.fspath(i) for i in inputs]
+    model_prefix = os.fspath(model_prefix)
+    files = expand_inputs(inputs)
+    opts = PreprocessOptions(inputs=inputs, output_prefix=model_prefix, json_keys=tuple(json_keys),
                              text_unit=text_unit, seed=seed, workers=workers)
     trainer = TrainerOptions(vocab_size=vocab_size, sample_sentences=sample_lines, seed=seed,
                              threads=workers or default_workers(), extra=dict(trainer_extra))
@@ -409,8 +413,8 @@ def preprocess_files(
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [str(inputs)]
     opts = PreprocessOptions(
-        inputs=[str(i) for i in inputs], output_prefix=str(output_prefix),
-        tokenizer_model=str(tokenizer_model) if tokenizer_model else None,
+        inputs=[os.fspath(i) for i in inputs], output_prefix=os.fspath(output_prefix),
+        tokenizer_model=os.fspath(tokenizer_model) if tokenizer_model else None,
         train_tokenizer=train_tokenizer, vocab_size=vocab_size, json_keys=tuple(json_keys),
         append_eod=append_eod, workers=workers, progress=progress, **options,
     )

@@ -188,7 +188,6 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str, opts: TrainerOpt
         input_sentence_size=0,
         shuffle_input_sentence=False,
         num_threads=opts.threads or (os.cpu_count() or 1),
-        random_seed=opts.seed,
         minloglevel=2,
     )
     kwargs.update(opts.extra)
@@ -197,7 +196,9 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str, opts: TrainerOpt
     except RuntimeError as exc:
         msg = str(exc)
         hint = ""
-        if "Vocabulary size" in msg or "vocab_size" in msg:
+        if "smaller than required_chars" in msg:
+            hint = " (the text has more distinct characters than this --vocab-size allows: raise it)"
+        elif "Vocabulary size" in msg or "vocab_size" in msg:
             hint = " (the sample is too small for this --vocab-size: lower it or add text)"
         raise PreprocessError(f"tokenizer training failed: {msg}{hint}") from exc
     for ext in (".model", ".vocab"):
