@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
+from array import array
 import sys
 from typing import Optional, Sequence
 
@@ -84,7 +85,8 @@ class WordCacheEncoder:
         # ``old``; words found in ``old`` are promoted. Memory stays bounded by two generations.
         self.hot: dict[str, bytes] = {}
         self.old: dict[str, bytes] = {}
-        self._get = self.hot.__getitem__
+        self._typecode = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}[self.dtype]
+        assert array(self._typecode).itemsize == self.dtype.itemsize
         sep = set(separators)
         diff = sep ^ _python_whitespace()
         self._diff = "".join(sorted(diff))
@@ -103,33 +105,34 @@ class WordCacheEncoder:
     def encode(self, text: str) -> bytes:
         words = self.words(text)
         self.lookups += len(words)
-        try:
-            return b"".join(map(self._get, words))
-        except KeyError:
-            self._fill(words)
-            return b"".join(map(self._get, words))
+        vals = list(map(self.hot.get, words))
+        if None in vals:
+            self._fill(words, vals)
+        return b"".join(vals)
 
-    def _fill(self, words: Sequence[str]) -> None:
-        uniq = set(words)
-        if len(self.hot) + len(uniq) > self.cache_words:
-            self.old = self.hot
-            self.hot = {}
-            self._get = self.hot.__getitem__
-        hot, old = self.hot, self.old
-        missing = []
-        for w in uniq:
-            if w in hot:
-                continue
+    def _fill(self, words: Sequence[str], vals: list) -> None:
+        """Fill the misses in ``vals``: promote from the old generation, encode the rest in one call."""
+        idx = [i for i, v in enumerate(vals) if v is None]
+        old = self.old
+        new: dict[str, bytes] = {}
+        encode = []
+        for w in {words[i] for i in idx}:
             v = old.get(w)
             if v is None:
-                missing.append(w)
+                encode.append(w)
             else:
-                hot[w] = v
-        if missing:
-            self.misses += len(missing)
-            dtype = self.dtype
-            for w, ids in zip(missing, self.sp.encode(missing, num_threads=1)):
-                hot[w] = np.array(ids, dtype=dtype).tobytes()
+                new[w] = v
+        if encode:
+            self.misses += len(encode)
+            tc = self._typecode
+            for w, ids in zip(encode, self.sp.encode(encode, num_threads=1)):
+                new[w] = array(tc, ids).tobytes()
+        if len(self.hot) + len(new) > self.cache_words:
+            self.old = self.hot
+            self.hot = {}
+        self.hot.update(new)
+        for i in idx:
+            vals[i] = new[words[i]]
 
 
 class PlainEncoder:
