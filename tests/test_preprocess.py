@@ -139,7 +139,7 @@ def test_per_word_path_decided_from_model_spec(models):
 def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words):
     info = describe(models["default"])
     sp = spm.SentencePieceProcessor(model_file=info.path)
-    enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256), cache_words)
+    enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization), cache_words)
     texts = ADVERSARIAL + corpus[1][:100] + [a + b for a in ADVERSARIAL for b in ADVERSARIAL[:6]]
     for text in texts:
         got = np.frombuffer(enc.encode(text), np.uint16).tolist()
@@ -148,7 +148,7 @@ def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words
 
 def test_separators_differ_from_python_whitespace(models):
     info = describe(models["default"])
-    seps = word_separators(info.path, info.sha256)
+    seps = word_separators(info.path, info.sha256, info.spec.normalization)
     assert " " in seps and "\t" in seps and "\u00a0" in seps and "\u3000" in seps
     assert "\x1c" not in seps and "\x85" not in seps  # str.split() splits there, SentencePiece does not
 

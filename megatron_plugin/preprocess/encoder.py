@@ -21,6 +21,7 @@ import functools
 import re
 from array import array
 import sys
+import unicodedata
 from typing import Optional, Sequence
 
 import numpy as np
@@ -49,23 +50,32 @@ def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
     return True, "per-word cache"
 
 
+# Normalization rules built into SentencePiece: their character maps come from Unicode data, so
+# unassigned and private-use code points map to themselves and need no probe.
+BUILTIN_RULES = {"nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"}
+
+
 @functools.lru_cache(maxsize=8)
-def _separators_cached(model_path: str, sha256: str) -> str:
+def _separators_cached(model_path: str, sha256: str, all_code_points: bool) -> str:
     sp = spm.SentencePieceProcessor(model_file=model_path)
     ref = sp.normalize("a b")
     cps = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
+    if not all_code_points:
+        cat = unicodedata.category
+        cps = [c for c in cps if cat(chr(c)) not in ("Cn", "Co")]
     probes = sp.normalize(["a" + chr(c) + "b" for c in cps])
     return "".join(chr(c) for c, r in zip(cps, probes) if r == ref)
 
 
-def word_separators(model_path: str, sha256: str) -> str:
+def word_separators(model_path: str, sha256: str, normalization: str = "") -> str:
     """Characters this model's normalizer turns into a word boundary (``a<c>b`` == ``a b``)."""
-    return _separators_cached(model_path, sha256)
+    return _separators_cached(model_path, sha256, normalization not in BUILTIN_RULES)
 
 
 @functools.lru_cache(maxsize=1)
 def _python_whitespace() -> frozenset[str]:
-    return frozenset(chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace())
+    # Every character Python calls whitespace is at or below U+3000 (ideographic space).
+    return frozenset(chr(c) for c in range(0x3001) if chr(c).isspace())
 
 
 class WordCacheEncoder:
@@ -105,34 +115,32 @@ class WordCacheEncoder:
     def encode(self, text: str) -> bytes:
         words = self.words(text)
         self.lookups += len(words)
-        vals = list(map(self.hot.get, words))
-        if None in vals:
-            self._fill(words, vals)
-        return b"".join(vals)
+        try:
+            # hot.get gives None for a miss, and join rejects None before copying anything.
+            return b"".join(map(self.hot.get, words))
+        except TypeError:
+            self._fill(words)
+            return b"".join(map(self.hot.__getitem__, words))
 
-    def _fill(self, words: Sequence[str], vals: list) -> None:
-        """Fill the misses in ``vals``: promote from the old generation, encode the rest in one call."""
-        idx = [i for i, v in enumerate(vals) if v is None]
-        old = self.old
-        new: dict[str, bytes] = {}
+    def _fill(self, words: Sequence[str]) -> None:
+        """Add this document's missing words: promote from the old generation, encode the rest."""
+        uniq = set(words)
+        if len(self.hot) + len(uniq) > self.cache_words:
+            self.old = self.hot
+            self.hot = {}
+        hot, old = self.hot, self.old
         encode = []
-        for w in {words[i] for i in idx}:
+        for w in uniq.difference(hot):
             v = old.get(w)
             if v is None:
                 encode.append(w)
             else:
-                new[w] = v
+                hot[w] = v
         if encode:
             self.misses += len(encode)
             tc = self._typecode
             for w, ids in zip(encode, self.sp.encode(encode, num_threads=1)):
-                new[w] = array(tc, ids).tobytes()
-        if len(self.hot) + len(new) > self.cache_words:
-            self.old = self.hot
-            self.hot = {}
-        self.hot.update(new)
-        for i in idx:
-            vals[i] = new[words[i]]
+                hot[w] = array(tc, ids).tobytes()
 
 
 class PlainEncoder:

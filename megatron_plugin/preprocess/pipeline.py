@@ -233,7 +233,7 @@ def _encode_files(
     eod = require_eod(info) if opts.append_eod else -1
     exact, why = per_word_exact(info.spec)
     use_cache = exact and opts.encoder != "plain"
-    separators = word_separators(info.path, info.sha256) if use_cache else ""
+    separators = word_separators(info.path, info.sha256, info.spec.normalization) if use_cache else ""
     cfg = WorkerConfig(
         model_path=info.path, keys=tuple(opts.json_keys), dtype=str(dtype), append_eod=opts.append_eod,
         eod_id=eod, empty_documents=opts.empty_documents, per_word=use_cache, separators=separators,
