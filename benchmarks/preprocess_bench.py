@@ -22,6 +22,7 @@ import argparse
 import filecmp
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +60,7 @@ def _tree_rss(proc: psutil.Process) -> int:
 
 
 def measure(cmd: list[str], env: dict, cwd: str | None = None) -> dict:
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ps = psutil.Process(p.pid)
@@ -68,9 +70,12 @@ def measure(cmd: list[str], env: dict, cwd: str | None = None) -> dict:
         time.sleep(0.02)
     out, err = p.communicate()
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mb": peak / 2**20, "stdout": out[-2000:], "stderr": err[-500:]}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak / 2**20, "stdout": out[-2000:],
+            "stderr": err[-500:], "load1": os.getloadavg()[0]}
 
 
 def main() -> None:
@@ -109,20 +114,22 @@ def main() -> None:
                          "--output-prefix", str(ours_prefix), "--tokenizer-model", args.model, "--append-eod",
                          "--workers", W, "--no-progress", "--overwrite"], env)
             res["ours"].append(r)
-            print(f"[{name} rep {rep}] ours       {r['wall_s']:7.2f} s  {r['peak_rss_mb']:7.0f} MB", flush=True)
+            print(f"[{name} rep {rep}] ours       {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
+                  f"{r['peak_rss_mb']:7.0f} MB  load {r['load1']:.1f}", flush=True)
             if have_mlm:
                 r = measure([args.megatron_python, "tools/preprocess_data.py", "--input", corpus,
                              "--output-prefix", str(mlm_prefix), "--tokenizer-type", "GPTSentencePieceTokenizer",
                              "--tokenizer-model", args.model, "--append-eod", "--workers", W],
                             mlm_env, cwd=args.megatron_lm)
                 res["megatron"].append(r)
-                print(f"[{name} rep {rep}] megatron   {r['wall_s']:7.2f} s  {r['peak_rss_mb']:7.0f} MB", flush=True)
+                print(f"[{name} rep {rep}] megatron   {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
+                      f"{r['peak_rss_mb']:7.0f} MB  load {r['load1']:.1f}", flush=True)
             r = measure([sys.executable, str(sp_script), corpus, args.model, W], env)
             enc = json.loads(r["stdout"].strip().splitlines()[-1])
             res["sp_batched"].append(r)
             res["sp_encode_s"].append(enc["encode_s"])
-            print(f"[{name} rep {rep}] sp-batched {r['wall_s']:7.2f} s  (encode call {enc['encode_s']:.2f} s)"
-                  f"  {r['peak_rss_mb']:7.0f} MB", flush=True)
+            print(f"[{name} rep {rep}] sp-batched {r['wall_s']:7.2f} s  cpu {r['cpu_s']:7.2f} s  "
+                  f"(encode call {enc['encode_s']:.2f} s)  {r['peak_rss_mb']:7.0f} MB  load {r['load1']:.1f}", flush=True)
         if have_mlm:
             a = f"{ours_prefix}_text_document"
             b = f"{mlm_prefix}_text_document"
@@ -147,7 +154,16 @@ def main() -> None:
               f"{max(r['peak_rss_mb'] for r in res['ours']):.0f} | "
               f"{max((r['peak_rss_mb'] for r in res['megatron']), default=float('nan')):.0f} | {res['identical']} |")
         tps = res["tokens"] / ours / args.workers
-        print(f"  throughput per worker (ours): {tps:,.0f} tokens/s; cache hit rate {res['cache_hit_rate']}")
+        ocpu = med([r["cpu_s"] for r in res["ours"]])
+        mcpu = med([r["cpu_s"] for r in res["megatron"]])
+        scpu = med([r["cpu_s"] for r in res["sp_batched"]])
+        ratios_m = [m["wall_s"] / o["wall_s"] for o, m in zip(res["ours"], res["megatron"])]
+        ratios_s = [e / o["wall_s"] for o, e in zip(res["ours"], res["sp_encode_s"])]
+        print(f"  per-rep wall ratios: vs Megatron-LM {[round(x, 2) for x in ratios_m]}, "
+              f"vs SP encode {[round(x, 2) for x in ratios_s]}")
+        print(f"  CPU seconds (median): ours {ocpu:.2f}, Megatron-LM {mcpu:.2f}, SP batched process {scpu:.2f}")
+        print(f"  throughput per worker (ours): {tps:,.0f} tokens/s wall; {res['tokens'] / ocpu:,.0f} tokens per "
+              f"CPU-second; cache hit rate {res['cache_hit_rate']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -135,12 +135,27 @@ def test_per_word_path_decided_from_model_spec(models):
         assert why
 
 
-@pytest.mark.parametrize("cache_words", [200_000, 3])
-def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words):
+SEGMENT_TEXTS = [
+    "foo, (bar) x.y_z a1b2c3 C++ e.g. i.e., don't \"quoted\" [link](http://x.org/a?b=c&d=e) 3.14abc",
+    "snake_case camelCase kebab-case ::scope-> <tag attr='v'/> #hash @at $var %pct ^up ~tilde `tick`",
+    "émigré, naïve; Straße! 中文, word—dash …ellipsis “curly” ‘single’ ½a a½ ＡＢ, x\u0301, y",
+]
+
+
+@pytest.mark.parametrize("cache_words,segments", [(200_000, True), (3, True), (200_000, False)])
+def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words, segments):
+    from megatron_plugin.preprocess.encoder import no_prefix_processor, segments_exact
+
     info = describe(models["default"])
     sp = spm.SentencePieceProcessor(model_file=info.path)
-    enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization), cache_words)
-    texts = ADVERSARIAL + corpus[1][:100] + [a + b for a in ADVERSARIAL for b in ADVERSARIAL[:6]]
+    mid = None
+    if segments:
+        assert segments_exact(info.path)[0]
+        mid = no_prefix_processor(info.path)
+    enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization),
+                           cache_words, mid)
+    texts = ADVERSARIAL + SEGMENT_TEXTS + corpus[1][:100] + [a + b for a in ADVERSARIAL for b in ADVERSARIAL[:6]]
+    texts += [a + "," + b for a in SEGMENT_TEXTS for b in ADVERSARIAL]
     for text in texts:
         got = np.frombuffer(enc.encode(text), np.uint16).tolist()
         assert got == sp.encode(text), repr(text)
@@ -161,7 +176,7 @@ def test_output_equals_plain_encoding_for_every_model(tmp_path, models, corpus, 
     got = _read_docs(res.prefix)
     assert got == [_plain_doc(sp, d, sp.eos_id()) for d in docs]
     enc = res.manifests["text"]["encoder"]
-    assert enc["mode"] == ("per-word cache" if name == "default" else "plain")
+    assert enc["mode"] == ("per-word cache + segments" if name == "default" else "plain")
     assert enc["verified_documents"] >= 45
 
 

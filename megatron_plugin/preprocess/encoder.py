@@ -87,8 +87,15 @@ class WordCacheEncoder:
         dtype: np.dtype,
         separators: str,
         cache_words: int = DEFAULT_CACHE_WORDS,
+        sp_no_prefix: Optional[spm.SentencePieceProcessor] = None,
     ) -> None:
         self.sp = sp
+        # When given (see ``segments_exact``), a missed word is cut between ASCII letters and other
+        # ASCII characters; its first segment is looked up as a word, the others in ``mid`` and
+        # encoded without the dummy prefix. Most rare words ("foo," "(bar)" "x.y_z") are then
+        # built from cached parts instead of being encoded by SentencePiece.
+        self.sp_mid = sp_no_prefix
+        self.mid: dict[str, bytes] = {}
         self.dtype = np.dtype(dtype)
         self.cache_words = max(1, cache_words)
         # Two generations approximate an LRU at dictionary speed: when ``hot`` is full it becomes
@@ -137,10 +144,103 @@ class WordCacheEncoder:
             else:
                 hot[w] = v
         if encode:
-            self.misses += len(encode)
+            if self.sp_mid is not None:
+                encode = self._from_segments(encode)
+            self._encode_words(encode)
+
+    def _encode_words(self, words: list) -> None:
+        if not words:
+            return
+        self.misses += len(words)
+        tc = self._typecode
+        hot = self.hot
+        for w, ids in zip(words, self.sp.encode(words, num_threads=1)):
+            hot[w] = array(tc, ids).tobytes()
+
+    def _from_segments(self, words: list) -> list:
+        """Build the words that split into several segments from cached segments; return the rest."""
+        split = _SEGMENT.split
+        whole, multi = [], []
+        for w in words:
+            parts = split(w)
+            if len(parts) == 1:
+                whole.append(w)
+            else:
+                multi.append((w, parts))
+        if not multi:
+            return whole
+        hot, old, mid = self.hot, self.old, self.mid
+        firsts = []
+        for _, parts in multi:
+            f = parts[0]
+            if f not in hot:
+                v = old.get(f)
+                if v is None:
+                    firsts.append(f)
+                else:
+                    hot[f] = v
+        self._encode_words(list(set(firsts)))
+        need = {p for _, parts in multi for p in parts[1:] if p not in mid}
+        if len(mid) + len(need) > self.cache_words:
+            mid.clear()  # bounded: start again, then every segment of these words is needed
+            need = {p for _, parts in multi for p in parts[1:]}
+        need = list(need)
+        if need:
+            self.misses += len(need)
             tc = self._typecode
-            for w, ids in zip(encode, self.sp.encode(encode, num_threads=1)):
-                hot[w] = array(tc, ids).tobytes()
+            for p, ids in zip(need, self.sp_mid.encode(need, num_threads=1)):
+                mid[p] = array(tc, ids).tobytes()
+        for w, parts in multi:
+            hot[w] = hot[parts[0]] + b"".join([mid[p] for p in parts[1:]])
+        return whole
+
+
+# Cut points inside a word: between an ASCII letter and another printable ASCII character.
+_LETTER = "A-Za-z"
+_OTHER = "!-@\\[-`{-~"
+_SEGMENT = re.compile(f"(?<=[{_LETTER}])(?=[{_OTHER}])|(?<=[{_OTHER}])(?=[{_LETTER}])")
+_CROSSES = re.compile(f"[{_LETTER}][{_OTHER}]|[{_OTHER}][{_LETTER}]")
+
+
+def segments_exact(model_path: str) -> tuple[bool, str]:
+    """Whether a word's ids are its segments' ids (first with, others without the dummy prefix).
+
+    True when no piece the encoder may produce contains a letter/other boundary (BPE can then
+    never merge across one, so each segment is encoded independently), every printable ASCII
+    character normalizes to itself, and none of them can become <unk> (adjacent unknowns would
+    merge). SentencePiece's default ``split_by_unicode_script`` training gives such vocabularies.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except Exception:
+        return False, "protobuf unavailable"
+    proto = pb.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    T = pb.ModelProto.SentencePiece
+    usable = (T.NORMAL, T.USER_DEFINED, T.UNUSED)
+    for p in proto.pieces:
+        if p.type in usable and _CROSSES.search(p.piece):
+            return False, f"piece {p.piece!r} crosses a letter/punctuation boundary"
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    ascii_chars = [chr(c) for c in range(0x21, 0x7F)]
+    probes = sp.normalize(["a" + c + "b" for c in ascii_chars])
+    if any(r != "\u2581a" + c + "b" for c, r in zip(ascii_chars, probes)):
+        return False, "the normalizer changes printable ASCII"
+    if not proto.trainer_spec.byte_fallback and any(sp.piece_to_id(c) == sp.unk_id() for c in ascii_chars):
+        return False, "some printable ASCII characters are unknown to the model"
+    return True, "per-word cache with word segments"
+
+
+def no_prefix_processor(model_path: str) -> spm.SentencePieceProcessor:
+    """The same model without the dummy prefix: encodes a segment that does not start a word."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 class PlainEncoder:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder
+from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder, no_prefix_processor
 from .errors import EMPTY, INVALID_UTF8, BadRecord
 from .readers import Chunk, parse_chunk
 
@@ -25,6 +25,7 @@ class WorkerConfig:
     per_word: bool
     separators: str = ""
     cache_words: int = DEFAULT_CACHE_WORDS
+    segments: bool = False  # see encoder.segments_exact
 
 
 @dataclass
@@ -51,7 +52,8 @@ class Worker:
         self.sp = spm.SentencePieceProcessor(model_file=cfg.model_path)
         dtype = np.dtype(cfg.dtype)
         if cfg.per_word:
-            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words)
+            mid = no_prefix_processor(cfg.model_path) if cfg.segments else None
+            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words, mid)
         else:
             self.encoder = PlainEncoder(self.sp, dtype)
         self.eod = np.array([cfg.eod_id], dtype=dtype).tobytes() if cfg.append_eod else b""
