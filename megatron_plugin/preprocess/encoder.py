@@ -29,7 +29,7 @@ import sentencepiece as spm
 
 from .tokenizer import ModelSpec
 
-DEFAULT_CACHE_WORDS = 200_000  # per generation, per worker: ~40-60 MB at typical word lengths
+DEFAULT_CACHE_WORDS = 100_000  # per generation, per worker: two generations stay under ~60 MB
 
 
 def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
@@ -122,6 +122,12 @@ class WordCacheEncoder:
     def encode(self, text: str) -> bytes:
         words = self.words(text)
         self.lookups += len(words)
+        if len(words) > 64:
+            # A long document almost always holds a rare word: find misses with one set
+            # difference instead of a join attempt that would fail.
+            if set(words).difference(self.hot):
+                self._fill(words)
+            return b"".join(map(self.hot.__getitem__, words))
         try:
             # hot.get gives None for a miss, and join rejects None before copying anything.
             return b"".join(map(self.hot.get, words))
