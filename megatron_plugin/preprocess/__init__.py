@@ -1,0 +1,22 @@
+"""Preprocessing: raw corpora -> SentencePiece tokenizer -> Megatron indexed dataset.
+
+Python API (what the CLI runs)::
+
+    from megatron_plugin.preprocess import train_tokenizer, preprocess_files
+    model = train_tokenizer(["corpus.jsonl"], "out/tok", vocab_size=1000)
+    result = preprocess_files(["corpus.jsonl"], "out/data", model, append_eod=True)
+    result.prefix        # "out/data_text_document" (pass to GPTDataset / the training config)
+    result.tokens        # tokens written; also "tokens" in out/data_text_document.json
+"""
+from .errors import PreprocessError
+from .pipeline import PreprocessOptions, PreprocessResult, dataset_prefix, preprocess, preprocess_files, train_tokenizer
+
+__all__ = [
+    "PreprocessError",
+    "PreprocessOptions",
+    "PreprocessResult",
+    "dataset_prefix",
+    "preprocess",
+    "preprocess_files",
+    "train_tokenizer",
+]

@@ -1,0 +1,146 @@
+"""Worker side: parse a chunk, encode its documents, optionally verify some against plain encoding."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder, no_prefix_processor
+from .errors import EMPTY, INVALID_UTF8, BadRecord
+from .readers import Chunk, parse_chunk
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_path: str
+    keys: tuple[str, ...]
+    dtype: str
+    append_eod: bool
+    eod_id: int
+    empty_documents: str  # "keep" | "skip" | "error"
+    per_word: bool
+    separators: str = ""
+    cache_words: int = DEFAULT_CACHE_WORDS
+    segments: bool = False  # see encoder.segments_exact
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    data: list  # per key: token bytes of the chunk's written documents
+    lengths: list  # per key: int32 array, tokens per written document (0 = empty document)
+    raw_bytes: int
+    docs_read: int = 0
+    docs_written: int = 0
+    empty: int = 0
+    blank_lines: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    bad: list = field(default_factory=list)  # BadRecord, in input order
+    verified: int = 0
+    mismatches: list = field(default_factory=list)  # messages
+    lookups: int = 0
+    misses: int = 0
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.sp = spm.SentencePieceProcessor(model_file=cfg.model_path)
+        dtype = np.dtype(cfg.dtype)
+        if cfg.per_word:
+            mid = no_prefix_processor(cfg.model_path) if cfg.segments else None
+            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words, mid)
+        else:
+            self.encoder = PlainEncoder(self.sp, dtype)
+        self.eod = np.array([cfg.eod_id], dtype=dtype).tobytes() if cfg.append_eod else b""
+        self.itemsize = dtype.itemsize
+
+    def process(self, chunk: Chunk) -> ChunkResult:
+        cfg = self.cfg
+        nkeys = len(cfg.keys)
+        parsed = parse_chunk(chunk, cfg.keys)
+        res = ChunkResult(chunk.index, [b""] * nkeys, [None] * nkeys, chunk.raw_bytes)
+        res.blank_lines = parsed.blank_lines
+        bad = list(parsed.bad)
+        outs: list[list[bytes]] = [[] for _ in range(nkeys)]
+        lens: list[list[int]] = [[] for _ in range(nkeys)]
+        encode = self.encoder.encode
+        eod = self.eod
+        isz = self.itemsize
+        keep_empty = cfg.empty_documents == "keep"
+        verify_idx = self._verify_picks(chunk, len(parsed.docs))
+        lookups0, misses0 = self.encoder.lookups, self.encoder.misses
+        for di, (lineno, texts) in enumerate(parsed.docs):
+            try:
+                encoded = [encode(t) for t in texts]
+            except (UnicodeEncodeError, TypeError, RuntimeError) as exc:
+                bad.append(BadRecord(INVALID_UTF8, chunk.path, lineno, f"text is not valid Unicode ({exc})"))
+                continue
+            if any(not e for e in encoded):
+                res.empty += 1
+                if not keep_empty:
+                    bad.append(BadRecord(EMPTY, chunk.path, lineno,
+                                         "empty document (no tokens after normalization); "
+                                         "--empty-documents keep writes it as Megatron-LM does"))
+                    continue
+            for k, e in enumerate(encoded):
+                if e and eod:
+                    e += eod  # Megatron-LM appends EOD only to non-empty documents
+                outs[k].append(e)
+                lens[k].append(len(e) // isz)
+            res.docs_written += 1
+            if verify_idx and di in verify_idx:
+                self._verify(chunk.path, lineno, texts, [outs[k][-1] for k in range(nkeys)], res)
+        res.docs_read = len(parsed.docs) + len(bad)
+        for rec in bad:
+            res.skipped[rec.reason] += 1
+        bad.sort(key=lambda r: r.line)
+        res.bad = bad[:20]  # counts are complete; a few examples are enough for messages
+        for k in range(nkeys):
+            res.data[k] = b"".join(outs[k])
+            res.lengths[k] = np.array(lens[k], dtype=np.int32)
+        res.lookups = self.encoder.lookups - lookups0
+        res.misses = self.encoder.misses - misses0
+        return res
+
+    def _verify_picks(self, chunk: Chunk, ndocs: int) -> Optional[set]:
+        if chunk.verify <= 0 or ndocs == 0:
+            return None
+        rng = random.Random(chunk.index * 1_000_003 + 17)
+        return set(rng.sample(range(ndocs), min(ndocs, chunk.verify)))
+
+    def _verify(self, path: str, lineno: int, texts: Sequence[str], written: Sequence[bytes], res: ChunkResult) -> None:
+        dtype = np.dtype(self.cfg.dtype)
+        for key, text, got in zip(self.cfg.keys, texts, written):
+            ids = self.sp.encode(text)
+            if ids and self.cfg.append_eod:
+                ids.append(self.cfg.eod_id)
+            want = np.array(ids, dtype=dtype).tobytes()
+            res.verified += 1
+            if want != got:
+                g = np.frombuffer(got, dtype=dtype)
+                w = np.frombuffer(want, dtype=dtype)
+                n = min(g.size, w.size)
+                pos = int(np.argmax(g[:n] != w[:n])) if n and (g[:n] != w[:n]).any() else n
+                res.mismatches.append(
+                    f"{path}:{lineno} key {key!r}: written tokens differ from plain SentencePiece "
+                    f"encoding at token {pos} (written {g.size} tokens, expected {w.size})"
+                )
+
+
+# Process-global worker for multiprocessing.Pool (set by the initializer).
+_WORKER: Optional[Worker] = None
+
+
+def init_worker(cfg: WorkerConfig) -> None:
+    global _WORKER
+    _WORKER = Worker(cfg)
+
+
+def run_chunk(chunk: Chunk) -> ChunkResult:
+    assert _WORKER is not None
+    return _WORKER.process(chunk)
