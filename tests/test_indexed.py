@@ -1,11 +1,6 @@
 """Byte format of the indexed dataset writer against Megatron-Core's reader; merge; large offsets."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package first
-
 import numpy as np
 import pytest
 

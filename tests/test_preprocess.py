@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's package first
 
 import numpy as np
 import pytest

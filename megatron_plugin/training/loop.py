@@ -54,16 +54,15 @@ def prepare_data(cfg: RunConfig, runtime: Runtime) -> None:
     """The smoke recipe's generated corpus: rank 0 writes it, the others wait."""
     if not cfg.data.generate_corpus:
         return
-    from megatron_plugin.data.prepare import prepare_generated_corpus
+    from megatron_plugin.data.prepare import generated_corpus_paths, prepare_generated_corpus
 
     data_dir = os.path.join(cfg.run_dir, "data")
     if runtime.is_main:
-        prefix, tokenizer = prepare_generated_corpus(data_dir, cfg.model.vocab_size)
+        prepare_generated_corpus(data_dir, cfg.model.vocab_size)
     if dist.is_initialized():
         dist.barrier()
-    prefix = os.path.join(data_dir, "corpus_text_document")
+    prefix, cfg.data.tokenizer_model = generated_corpus_paths(data_dir)
     cfg.data.paths = [prefix]
-    cfg.data.tokenizer_model = os.path.join(data_dir, "tokenizer.model")
 
 
 def _dp_rank() -> int:
