@@ -58,6 +58,7 @@ def test_production_plan_is_the_true_one():
     assert plan["hours_at_mfu"] == pytest.approx(expected_hours)
     assert plan["initial_loss"] == pytest.approx(math.log(32000))
     assert 16 < plan["checkpoint_resumable_gb"] < 18 and 2.3 < plan["checkpoint_weights_gb"] < 2.5
+    assert plan["preprocess_hours"] == pytest.approx(51e9 / (0.8e6 * 64) / 3600)
 
 
 def test_plan_counts_tokens_of_a_real_dataset(tmp_path):

@@ -19,6 +19,10 @@ SEED_CORPUS_TOKENS = 51_000_000_000
 # What the seed document claimed for production_8gpu, shown beside the computed figure.
 SEED_CLAIMS = {"hours": 8.2, "initial_loss": "3.5-4.0", "checkpoint_storage_gb": 70}
 
+# Preprocessing throughput per core, measured on the 2-core development machine (docs/benchmarks.md,
+# "Throughput for planning"): used to estimate the time to prepare the corpus.
+PREPROCESS_TOKENS_PER_CORE_S = 0.8e6
+
 # Bytes per parameter: bf16 weights; plus fp32 master weights and two fp32 Adam moments.
 WEIGHT_BYTES = 2
 RESUMABLE_BYTES = 2 + 4 + 4 + 4
@@ -62,7 +66,7 @@ def measured_tokens_per_s(run_dir: str) -> Optional[float]:
     return statistics.median(rates) if rates else None
 
 
-def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100") -> dict:
+def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100", preprocess_cores: int = 64) -> dict:
     if gpu not in GPU_PEAKS:
         raise ValueError(f"--gpu {gpu}: choose one of {', '.join(GPU_PEAKS)}")
     gpus = cfg.parallel.gpus
@@ -116,6 +120,8 @@ def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100") -> dict:
         "assumed_mfu": mfu,
         "hours_at_mfu": hours_at_mfu,
         "initial_loss": math.log(cfg.model.vocab_size),
+        "preprocess_cores": preprocess_cores,
+        "preprocess_hours": corpus_tokens / (PREPROCESS_TOKENS_PER_CORE_S * preprocess_cores) / 3600,
         "measured_tokens_per_s": measured,
         "hours_at_measured": total_tokens / measured / 3600 if measured else None,
         "seed_claims": SEED_CLAIMS if cfg.run.name == "production_8gpu" else None,
@@ -153,6 +159,8 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  time (measured)     {plan['hours_at_measured']:,.1f} h at the last run's "
                      f"{plan['measured_tokens_per_s']:,.0f} tokens/s")
     lines.append(f"  initial loss        ~{plan['initial_loss']:.2f} (ln of the vocabulary size, a fresh model)")
+    lines.append(f"  preprocessing       ~{60 * plan['preprocess_hours']:,.0f} min for the dataset on "
+                 f"{plan['preprocess_cores']} cores ({PREPROCESS_TOKENS_PER_CORE_S / 1e6:.1f}M tokens/s per core)")
     claims = plan.get("seed_claims")
     if claims:
         lines += [

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
     parser.add_argument("--mfu", type=float, default=0.40, help="with --plan: assumed MFU (default 0.40)")
     parser.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"], help="with --plan: GPU type")
+    parser.add_argument("--preprocess-cores", type=int, default=64,
+                        help="with --plan: CPU cores for the preprocessing estimate (default 64)")
     return parser
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, applied = resolve(args.preset, args.overrides)
         if args.plan:
             validate(cfg, world_size=cfg.parallel.gpus, check_data=False, cuda=True)
-            plan = make_plan(cfg, mfu=args.mfu, gpu=args.gpu)
+            plan = make_plan(cfg, mfu=args.mfu, gpu=args.gpu, preprocess_cores=args.preprocess_cores)
             print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
             return 0
         yaml_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
