@@ -90,6 +90,11 @@ def _validate_data(cfg: RunConfig) -> None:
             f"data.paths: no PREFIX.bin / PREFIX.idx for {', '.join(missing)}; run "
             "`python -m megatron_plugin.preprocess --input ... --output-prefix ...` first or fix the path"
         )
+    check_tokenizer_fits(cfg)
+
+
+def check_tokenizer_fits(cfg: RunConfig) -> None:
+    """The tokenizer exists and its ids fit the model's vocabulary."""
     if not cfg.data.tokenizer_model:
         raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
     if not os.path.isfile(cfg.data.tokenizer_model):

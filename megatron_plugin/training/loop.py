@@ -12,9 +12,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from megatron_plugin.config import ConfigError, RunConfig
+from megatron_plugin.config import RunConfig
 from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer
 from megatron_plugin.model import flops_per_token
+from megatron_plugin.recipes.validate import check_tokenizer_fits
 from megatron_plugin.runtime.distributed import Runtime, init_distributed
 from megatron_plugin.runtime.peak import device_peak_flops
 from megatron_plugin.training import checkpoint as ckpt
@@ -75,14 +76,8 @@ def train(cfg: RunConfig) -> dict:
     """Run training as configured; returns a summary (last step, losses) for callers and tests."""
     runtime = init_distributed(cfg.parallel, cfg.train.seed)
     prepare_data(cfg, runtime)
-    if not cfg.data.tokenizer_model:
-        raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
+    check_tokenizer_fits(cfg)
     tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}: set model.vocab_size={tokenizer.vocab_size} or larger"
-        )
     dp = runtime.data_parallel
     mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
     num_micro = cfg.train.grad_accumulation_steps(dp)
