@@ -21,6 +21,7 @@ megatron-core versions listed in `TESTED_MEGATRON_CORE`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -146,3 +147,17 @@ def enable() -> bool:
 
 def is_enabled() -> bool:
     return _enabled
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run a block without the CUDA->CPU TorchFunctionMode (e.g. a plain PyTorch model timed beside
+    ours); the function patches stay. A no-op when CPU mode is off."""
+    if _mode is None:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()
