@@ -50,6 +50,12 @@ def transformer_config(
     dtype = DTYPES[precision.dtype]
     fusions = use_te  # the fused kernels below come from TE / Apex and need CUDA
     recompute = train.recompute
+    if not use_te:
+        # The local spec's SwiGLU goes through Megatron's `bias_swiglu_impl` (bias_activation_fusion
+        # below), which fused_ops routes to a CPU kernel with a hand-written backward; RoPE too.
+        from megatron_plugin.model import fused_ops
+
+        fused_ops.install()
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -77,7 +83,7 @@ def transformer_config(
         fp8=precision.fp8,
         fp8_recipe=precision.fp8_recipe if precision.fp8 else "delayed",
         fp8_param=precision.fp8_param_gather and precision.fp8 is not None,
-        bias_activation_fusion=fusions,
+        bias_activation_fusion=True,
         bias_dropout_fusion=fusions,
         masked_softmax_fusion=fusions,
         apply_rope_fusion=fusions,
