@@ -152,3 +152,43 @@ def test_benchmark_runs_tensor_parallel_two_processes():
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["tensor_parallel"] == 2 and record["world_size"] == 2
     assert record["step_time_s"] > 0
+
+
+def test_rms_norm_matches_torch():
+    from megatron_plugin.model.fused_ops import RMSNorm, rms_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    weight = torch.randn(16, requires_grad=True)
+    grad = torch.randn(5, 3, 16)
+    ours = rms_norm(x, weight, 1e-5)
+    ours_grads = torch.autograd.grad(ours, (x, weight), grad)
+    ref = torch.nn.functional.rms_norm(x, (16,), weight, 1e-5)
+    ref_grads = torch.autograd.grad(ref, (x, weight), grad)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    xd = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _RMSNormFunction_apply(a, b), (xd, wd))
+    norm = torch.nn.RMSNorm(16, eps=1e-5)
+    norm.__class__ = RMSNorm
+    assert set(norm.state_dict()) == {"weight"}
+
+
+def _RMSNormFunction_apply(x, w):
+    from megatron_plugin.model.fused_ops import _RMSNormFunction
+
+    return _RMSNormFunction.apply(x, w, 1e-6)
+
+
+def test_megatron_local_spec_uses_the_cpu_kernels(megatron_runtime):
+    from megatron_plugin.config import PrecisionConfig
+    from megatron_plugin.model import build_gpt_model
+    from megatron_plugin.model.fused_ops import RMSNorm
+    from megatron_plugin.recipes.presets import tiny_model
+
+    model = build_gpt_model(tiny_model(), precision=PrecisionConfig(dtype="fp32"))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert norms and all(type(m) is RMSNorm for m in norms)
+    assert model.config.bias_activation_fusion

@@ -1,19 +1,22 @@
-"""Rotary embedding and SwiGLU for Megatron-Core's local layer spec on CPU, with hand-written
-backward passes.
+"""Rotary embedding, SwiGLU and RMSNorm for Megatron-Core's local layer spec on CPU, with
+hand-written backward passes.
 
 Megatron-Core's unfused implementations are written for readability: RoPE recomputes cos and sin
 from the frequencies in every layer (for queries and keys separately), builds `rotate_half` with a
 negation and a concatenation, slices and concatenates the (empty) unrotated part back on, and
 autograd then records a zero-filled slice gradient and more concatenations; SwiGLU chunks the fc1
-output, adds a 0.0 offset (a copy) and the backward concatenates the two half gradients. On a CPU,
+output, adds a 0.0 offset (a copy) and the backward concatenates the two half gradients; torch's
+RMSNorm on CPU is a composite of pow / mean / rsqrt / mul whose autograd graph makes a dozen
+passes over the activations. On a CPU,
 where these element-wise passes run at memory bandwidth beside the GEMMs, they cost a noticeable
 share of the step. The functions here compute the same values (to rounding) with the fewest
 passes: cos/sin once per frequency tensor, each output half written in place, and gradients
 written straight into one preallocated tensor.
 
-`install()` routes Megatron-Core's `apply_rotary_pos_emb` (as its attention module calls it) and
-`bias_swiglu_impl` (as its MLP calls it when `bias_activation_fusion` is set) through these for
-CPU tensors in the cases they cover (no bias, standard non-interleaved RoPE over the whole head,
+`install()` routes Megatron-Core's `apply_rotary_pos_emb` (as its attention module calls it),
+`bias_swiglu_impl` (as its MLP calls it when `bias_activation_fusion` is set) and the
+`torch.nn.RMSNorm` that its local spec's `WrappedTorchNorm` builds (made an `RMSNorm` subclass
+here: same parameters and state dict) through these for fp32 / CPU tensors in the cases they cover (no bias, standard non-interleaved RoPE over the whole head,
 no packed sequences, no mscale); everything else, and every CUDA tensor, takes Megatron-Core's
 own path unchanged.
 """
@@ -116,6 +119,54 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return _SwiGLUFunction.apply(x)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        hidden = x.shape[-1]
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        rstd = torch.rsqrt(norm.square_().div_(hidden).add_(eps))
+        out = torch.mul(x, rstd)
+        out.mul_(weight)
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        hidden = x.shape[-1]
+        xhat = torch.mul(x, rstd)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mul(grad, xhat).reshape(-1, hidden).sum(0)
+        gw = torch.mul(grad, weight)
+        # dx = rstd * (g w - xhat * mean(g w xhat))
+        dot = torch.mul(gw, xhat).sum(-1, keepdim=True).div_(hidden)
+        grad_x = torch.addcmul(gw, xhat, dot, value=-1).mul_(rstd)
+        return grad_x, grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNormFunction.apply(x, weight, eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm whose fp32 CPU forward / backward go through `rms_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and self.weight is not None
+            and self.weight.dtype == torch.float32
+            and len(self.normalized_shape) == 1
+        ):
+            eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+            return rms_norm(x, self.weight, eps)
+        return super().forward(x)
+
+
 def _apply_rotary_pos_emb(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
     if (
         t.device.type == "cpu"
@@ -142,15 +193,27 @@ def _bias_swiglu_impl(input, bias, fp8_input_store=False, cpu_offload_input=Fals
 
 
 def install() -> None:
-    """Route Megatron-Core's RoPE and SwiGLU through the functions above for CPU tensors."""
+    """Route Megatron-Core's RoPE, SwiGLU and torch RMSNorm through the functions above for CPU
+    tensors."""
     global _installed, _original_rope, _original_swiglu
     if _installed:
         return
     import megatron.core.transformer.attention as attention
     import megatron.core.transformer.mlp as mlp
+    import megatron.core.transformer.torch_norm as torch_norm
 
     _original_rope = attention.apply_rotary_pos_emb
     _original_swiglu = mlp.bias_swiglu_impl
     attention.apply_rotary_pos_emb = _apply_rotary_pos_emb
     mlp.bias_swiglu_impl = _bias_swiglu_impl
+
+    wrapped_new = torch_norm.WrappedTorchNorm.__new__
+
+    def _new(cls, *args, **kwargs):
+        norm = wrapped_new(cls, *args, **kwargs)
+        if type(norm) is torch.nn.RMSNorm:
+            norm.__class__ = RMSNorm
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(_new)
     _installed = True

@@ -20,7 +20,10 @@ Megatron-Core assumes CUDA in a handful of places. With CUDA absent we redirect 
    into DDP's fp32 `main_grad` buffer instead of a fresh gradient tensor that a hook then adds)
    comes from a CUDA extension; `fuse_wgrad_accumulation` provides it with `addmm_` for a model
    wrapped in Megatron's DDP.
-7. `use_fused_adam`: Megatron builds `torch.optim.AdamW` with its defaults, which on CPU is the
+7. Megatron's stand-in for Apex's `multi_tensor_scale` (gradient clipping, fp16 grad copies)
+   is `dst.copy_(src * scale)`: a temporary and two passes per tensor; on CPU tensors it is done
+   in one pass (in place when source and destination are the same tensor).
+8. `use_fused_adam`: Megatron builds `torch.optim.AdamW` with its defaults, which on CPU is the
    per-tensor loop of a dozen element-wise passes; torch's fused CPU AdamW does one pass.
 
 Everything is switched on by `enable()` only when CUDA is absent, and only for the
@@ -98,6 +101,16 @@ class _CpuWgradAccumulation:
     @staticmethod
     def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor):
         main_grad.addmm_(grad_output.t(), total_input)
+
+
+def _cpu_multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
+    for src, dst in zip(tensor_lists[0], tensor_lists[1]):
+        if src is dst:
+            dst.mul_(scale)
+        elif dst.device.type == "cpu" and src.device.type == "cpu" and dst.shape == src.shape:
+            torch.mul(src, scale, out=dst)
+        else:
+            dst.copy_(src * scale)
 
 
 def fuse_wgrad_accumulation(model_chunks: list) -> int:
@@ -189,6 +202,8 @@ def enable() -> bool:
     version = check_megatron_core_version()
 
     import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as megatron_optimizer
     import megatron.core.tensor_parallel.layers as tp_layers
     import megatron.core.tensor_parallel.random as tp_random
     import megatron.core.transformer.utils as transformer_utils
@@ -203,6 +218,11 @@ def enable() -> bool:
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     logging.getLogger(tp_random.__name__).addFilter(_QuietForkWarning())
+    from megatron.core.utils import local_multi_tensor_scale
+
+    for module in (clip_grads, megatron_optimizer):
+        if getattr(module, "multi_tensor_scale_impl", None) is local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = _cpu_multi_tensor_scale
     if not tp_layers._grad_accum_fusion_available:
         tp_layers.fused_weight_gradient_mlp_cuda = _CpuWgradAccumulation
         tp_layers._grad_accum_fusion_available = True
