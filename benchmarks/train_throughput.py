@@ -22,6 +22,7 @@ GPU it is the device's dense bf16 / fp8 peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-hf", action="store_true",
                         help="also time transformers' LlamaForCausalLM (SDPA) + torch.optim.AdamW on the "
                              "same batch, steps interleaved with ours; single process only")
+    parser.add_argument("--hf-optimizer", choices=["default", "fused"], default="default",
+                        help="with --compare-hf: torch.optim.AdamW with its defaults (on CPU the per-tensor "
+                             "loop) or fused=True")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", help="run CLI key=value overrides, e.g. parallel.tensor=2")
     return parser
@@ -149,7 +153,7 @@ class HFLlama:
     """The same model as `transformers`' LlamaForCausalLM with SDPA attention, trained with
     torch.optim.AdamW (its defaults) and the same gradient clipping as ours."""
 
-    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device, fused_adamw: bool = False):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         m = cfg.model
@@ -167,7 +171,9 @@ class HFLlama:
         self.params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
                                            betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                           weight_decay=cfg.optim.weight_decay)
+                                           weight_decay=cfg.optim.weight_decay,
+                                           **({"fused": True} if fused_adamw else {}))
+        self.optimizer_name = "torch.optim.AdamW(fused=True)" if fused_adamw else "torch.optim.AdamW (defaults)"
         self.grad_clip = cfg.train.grad_clip
         self.device = device
 
@@ -243,39 +249,45 @@ def main(argv=None) -> int:
 
     def ours() -> float:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = train_step(state, data, num_micro, seq, mbs, device)
         _sync(device)
+        cpu_times.append(time.process_time() - cpu_start)
         barrier()
         return time.perf_counter() - start, result.loss
 
     ours_times, hf_times, ours_losses, hf_losses = [], [], [], []
+    cpu_times, hf_cpu_times = [], []
     for _ in range(args.warmup):
         ours()
+    del cpu_times[:]
     ours_memory = _peak_memory_bytes(device)
     hf = None
     if args.compare_hf:
         from megatron_plugin.runtime import cpu_mode
 
-        with cpu_mode.suspended():
-            hf = HFLlama(cfg, DTYPES[cfg.precision.dtype], device)
+        suspended = getattr(cpu_mode, "suspended", contextlib.nullcontext)
+        with suspended():
+            hf = HFLlama(cfg, DTYPES[cfg.precision.dtype], device, fused_adamw=args.hf_optimizer == "fused")
             hf_data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000)
 
             def theirs() -> float:
                 _sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 loss = hf.step(next(hf_data))
                 _sync(device)
+                hf_cpu_times.append(time.process_time() - cpu_start)
                 return time.perf_counter() - start, loss
 
             for _ in range(args.warmup):
                 theirs()
+            del hf_cpu_times[:]
     for _ in range(args.steps):
         elapsed, loss = ours()
         ours_times.append(elapsed)
         ours_losses.append(loss)
         if hf is not None:
-            with cpu_mode.suspended():
+            with suspended():
                 elapsed, loss = theirs()
             hf_times.append(elapsed)
             hf_losses.append(loss)
@@ -304,15 +316,21 @@ def main(argv=None) -> int:
         "steps": args.steps, "warmup": args.warmup,
         **figures(ours_times),
         "peak_memory_gb": ours_memory / 2**30,
+        # CPU seconds (all threads) per step: less sensitive than wall time to other processes
+        # time-sharing the cores.
+        "cpu_time_s": statistics.median(cpu_times) if device.type == "cpu" else None,
         "step_times_s": ours_times, "losses": ours_losses,
         "load_average": list(os.getloadavg()),
     }
     if hf is not None:
         theirs_fig = figures(hf_times)
         result["hf"] = {**theirs_fig, "params": hf.params, "step_times_s": hf_times, "losses": hf_losses,
-                        "optimizer": "torch.optim.AdamW (defaults)"}
+                        "cpu_time_s": statistics.median(hf_cpu_times) if device.type == "cpu" else None,
+                        "optimizer": hf.optimizer_name, "grad_clip": hf.grad_clip}
         result["ratio_ours_over_hf"] = result["step_time_s"] / theirs_fig["step_time_s"]
         result["ratio_pairwise_median"] = statistics.median(o / h for o, h in zip(ours_times, hf_times))
+        if device.type == "cpu":
+            result["cpu_time_ratio"] = result["cpu_time_s"] / result["hf"]["cpu_time_s"]
     if runtime.is_main:
         if args.json:
             print(json.dumps(result))
@@ -340,8 +358,12 @@ def format_table(r: dict) -> str:
     lines.append(row("megatron_plugin", r))
     if "hf" in r:
         lines.append(row("transformers", r["hf"]))
+        lines.append(f"transformers: LlamaForCausalLM (SDPA), {r['hf']['optimizer']}, grad clip {r['hf']['grad_clip']}")
         lines.append(f"ratio ours / transformers: {r['ratio_ours_over_hf']:.3f} (median of per-pair ratios "
                      f"{r['ratio_pairwise_median']:.3f})")
+        if r.get("cpu_time_ratio"):
+            lines.append(f"CPU seconds per step: ours {r['cpu_time_s']:.3f}, transformers {r['hf']['cpu_time_s']:.3f}, "
+                         f"ratio {r['cpu_time_ratio']:.3f}")
     lines.append(f"peak memory (ours): {r['peak_memory_gb']:.2f} GiB")
     return "\n".join(lines)
 
