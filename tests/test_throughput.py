@@ -82,6 +82,11 @@ def test_cpu_wgrad_accumulation_is_the_gemm():
     expected = main_grad + grad_out.t() @ inp
     _CpuWgradAccumulation.wgrad_gemm_accum_fp32(inp, grad_out, main_grad)
     torch.testing.assert_close(main_grad, expected)
+    # bf16 activations into an fp32 buffer (grad_reduce_in_fp32)
+    inp16, grad16 = inp.bfloat16(), grad_out.bfloat16()
+    expected = main_grad + grad16.float().t() @ inp16.float()
+    _CpuWgradAccumulation.wgrad_gemm_accum_fp32(inp16, grad16, main_grad)
+    torch.testing.assert_close(main_grad, expected)
 
 
 def test_fused_adamw_matches_default(megatron_runtime):

@@ -96,6 +96,8 @@ class _CpuWgradAccumulation:
 
     @staticmethod
     def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor):
+        if total_input.dtype != main_grad.dtype:  # bf16 / fp16 activations, fp32 grad buffer
+            total_input, grad_output = total_input.to(main_grad.dtype), grad_output.to(main_grad.dtype)
         main_grad.addmm_(grad_output.t(), total_input)
 
     @staticmethod
