@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     state = build_train_state(cfg, dp)
     data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000 * parallel_state.get_data_parallel_rank())
 
-    def ours() -> float:
+    def ours() -> tuple[float, float]:
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         result = train_step(state, data, num_micro, seq, mbs, device)
@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             hf = HFLlama(cfg, DTYPES[cfg.precision.dtype], device, fused_adamw=args.hf_optimizer == "fused")
             hf_data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000)
 
-            def theirs() -> float:
+            def theirs() -> tuple[float, float]:
                 _sync(device)
                 start, cpu_start = time.perf_counter(), time.process_time()
                 loss = hf.step(next(hf_data))
