@@ -80,7 +80,9 @@ def transformer_config_kwargs(
         fp8_recipe=precision.fp8_recipe if precision.fp8 else "delayed",
         fp8_param=precision.fp8_param_gather and precision.fp8 is not None,
         apply_rope_fusion=use_te and fusion.rope,
-        bias_activation_fusion=use_te and fusion.swiglu,
+        # On the local spec this routes SwiGLU through Megatron's `bias_swiglu_impl`, which
+        # model/fused_ops.py serves with a CPU kernel (Megatron's own jit-fused one on CUDA).
+        bias_activation_fusion=fusion.swiglu,
         masked_softmax_fusion=use_te and fusion.masked_softmax,
         cross_entropy_loss_fusion=use_te and fusion.cross_entropy,
         cross_entropy_fusion_impl="te" if use_te and fusion.cross_entropy else "native",
@@ -106,8 +108,11 @@ def layer_spec(model: ModelConfig):
 
     if uses_transformer_engine(model):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    from megatron_plugin.model import fused_ops
     from megatron_plugin.model.attention import SDPAttention
 
+    # RoPE, SwiGLU and RMSNorm kernels for CPU tensors (CUDA tensors keep Megatron's own path).
+    fused_ops.install()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from megatron_plugin.config import RunConfig
 from megatron_plugin.model import build_gpt_model
 from megatron_plugin.model.build import DTYPES
+from megatron_plugin.runtime import cpu_mode
 
 
 @dataclass
@@ -86,6 +87,10 @@ def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
     ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(cfg, data_parallel))
     model = [DistributedDataParallel(gpt.config, ddp_config, gpt)]
     optimizer = get_megatron_optimizer(OptimizerConfig(**optimizer_config_kwargs(cfg, data_parallel)), model)
+    # CPU mode only (no-ops on CUDA): weight gradients accumulated by the GEMM into DDP's grad
+    # buffer, and torch's fused AdamW kernel.
+    cpu_mode.fuse_wgrad_accumulation(model)
+    cpu_mode.use_fused_adam(optimizer)
     _wire_schedule_hooks(model, optimizer, ddp_config)
     warmup, decay = lr_schedule_steps(cfg)
     scheduler = OptimizerParamScheduler(
