@@ -203,3 +203,17 @@ def test_async_save_gives_the_same_run_and_resumable_checkpoints(straight_run, t
     resumed, _ = read_metrics(resumed_dir)
     assert sorted(resumed) == list(range(21, 31))
     assert all(resumed[step]["loss"] == expected[step]["loss"] for step in resumed)
+
+
+def test_bf16_mixed_precision_trains_checkpoints_and_exports(tmp_path):
+    """bf16 parameters with fp32 master weights (Megatron's Float16Module + mixed-precision optimizer)."""
+    run_dir = tmp_path / "bf16"
+    run_python(SMOKE + ["train.max_steps=20", "checkpoint.interval=10", "log.interval=1", "eval.interval=20",
+                        "eval.iters=1", "precision.dtype=bf16", f"run.dir={run_dir}"])
+    train, _ = read_metrics(run_dir)
+    assert train[20]["loss"] < 0.6 * train[1]["loss"]
+    result = run_python(SMOKE + ["train.max_steps=22", "optim.decay_steps=20", "precision.dtype=bf16",
+                                 f"run.dir={run_dir}"])
+    assert "resumed from" in result.stderr and latest(run_dir) == "iter_0000022"
+    run_python(["-m", "megatron_plugin.export", "--checkpoint", str(run_dir / "checkpoints"),
+                "--output", str(tmp_path / "hf"), "--verify"])

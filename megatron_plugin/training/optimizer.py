@@ -84,6 +84,13 @@ def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     gpt = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, cfg.train, cfg.fusion)
+    if cfg.precision.dtype in ("bf16", "fp16"):
+        # Every parameter in half precision (modules such as torch's RMSNorm are built in fp32),
+        # inputs cast on the first stage and logits back to fp32 on the last: what Megatron's
+        # mixed-precision optimizer and its checkpoint mapping expect.
+        from megatron.core.transformer.module import Float16Module
+
+        gpt = Float16Module(gpt.config, gpt)
     ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(cfg, data_parallel))
     model = [DistributedDataParallel(gpt.config, ddp_config, gpt)]
     optimizer = get_megatron_optimizer(OptimizerConfig(**optimizer_config_kwargs(cfg, data_parallel)), model)
