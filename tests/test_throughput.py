@@ -4,12 +4,11 @@ throughput benchmark run end to end at a tiny size (that it works, not how fast)
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import free_port, run_python
+from conftest import run_python
 
 
 def _rope_reference(t, freqs):
@@ -118,17 +117,9 @@ def megatron_runtime():
     from megatron_plugin.config import ParallelConfig
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
 
-    # init_distributed picks MASTER_ADDR/PORT for a single process; keep them out of the
-    # environment that later tests hand to their subprocesses.
-    saved = {key: os.environ.get(key) for key in ("MASTER_ADDR", "MASTER_PORT")}
     init_distributed(ParallelConfig(), seed=1)
     yield
     shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 def test_benchmark_runs_tiny_with_transformers_beside():
@@ -137,7 +128,7 @@ def test_benchmark_runs_tiny_with_transformers_beside():
         "--steps", "2", "--warmup", "1", "--threads", "2", "--compare-hf", "--json",
         "model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=256",
-    ], timeout=300, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    ], timeout=300)
     record = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_flops", "device", "params"):
         assert key in record
