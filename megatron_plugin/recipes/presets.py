@@ -112,7 +112,7 @@ def tiny_model(vocab_size: int = 512, seq: int = 128) -> ModelConfig:
 
 @preset
 def smoke() -> RunConfig:
-    """Tiny model on CPU over a generated corpus: the whole pipeline in about a minute."""
+    """Tiny model on CPU over a generated corpus: the whole pipeline in well under a minute."""
     return RunConfig(
         run=RunInfo(name="smoke", description=smoke.__doc__),
         model=tiny_model(),
