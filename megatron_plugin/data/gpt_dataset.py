@@ -38,10 +38,14 @@ def parse_blend(paths: Sequence) -> tuple[list[str], Optional[list[float]]]:
     return [str(p) for p in paths], None
 
 
-def missing_prefixes(prefixes: Sequence[str]) -> list[str]:
-    return [
-        p for p in prefixes if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx"))
-    ]
+def require_prefixes(prefixes: Sequence[str]) -> None:
+    """Every prefix has its PREFIX.bin and PREFIX.idx, or a message naming the missing ones."""
+    missing = [p for p in prefixes if not (os.path.isfile(p + ".bin") and os.path.isfile(p + ".idx"))]
+    if missing:
+        raise ConfigError(
+            f"data.paths: no PREFIX.bin / PREFIX.idx for {', '.join(missing)}; run "
+            "`python -m megatron_plugin.preprocess --input ... --output-prefix ...` first or fix the path"
+        )
 
 
 def megatron_tokenizer(model_path: str):
@@ -69,12 +73,7 @@ def build_datasets(
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     prefixes, weights = parse_blend(data.paths)
-    missing = missing_prefixes(prefixes)
-    if missing:
-        raise ConfigError(
-            f"data.paths: no PREFIX.bin/PREFIX.idx for {missing}; run "
-            "`python -m megatron_plugin.preprocess` first or fix the prefix"
-        )
+    require_prefixes(prefixes)
     os.makedirs(cache_dir, exist_ok=True)
     config = GPTDatasetConfig(
         random_seed=seed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size, validate_model
-from megatron_plugin.data.gpt_dataset import missing_prefixes, parse_blend
+from megatron_plugin.data.gpt_dataset import parse_blend, require_prefixes
 
 
 def validate(cfg: RunConfig, world_size: int, check_data: bool = True, cuda: bool | None = None) -> None:
@@ -83,13 +83,7 @@ def _validate_fp8(cfg: RunConfig, cuda: bool) -> None:
 def _validate_data(cfg: RunConfig) -> None:
     if cfg.data.generate_corpus:
         return
-    prefixes, _ = parse_blend(cfg.data.paths)
-    missing = missing_prefixes(prefixes)
-    if missing:
-        raise ConfigError(
-            f"data.paths: no PREFIX.bin / PREFIX.idx for {', '.join(missing)}; run "
-            "`python -m megatron_plugin.preprocess --input ... --output-prefix ...` first or fix the path"
-        )
+    require_prefixes(parse_blend(cfg.data.paths)[0])
     check_tokenizer_fits(cfg)
 
 
