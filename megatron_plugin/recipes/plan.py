@@ -12,6 +12,7 @@ import numpy as np
 
 from megatron_plugin.config import RunConfig
 from megatron_plugin.data.gpt_dataset import parse_blend
+from megatron_plugin.data.indexed import read_index
 from megatron_plugin.model import flops_per_token, parameter_count
 from megatron_plugin.runtime.peak import GPU_PEAKS
 
@@ -29,14 +30,8 @@ RESUMABLE_BYTES = 2 + 4 + 4 + 4
 
 
 def idx_token_count(prefix: str) -> int:
-    """Tokens in a Megatron indexed dataset, from its .idx header and sequence lengths."""
-    with open(prefix + ".idx", "rb") as f:
-        header = f.read(34)
-    if header[:9] != b"MMIDIDX\x00\x00":
-        raise ValueError(f"{prefix}.idx is not a Megatron indexed dataset index (bad magic)")
-    count = int.from_bytes(header[18:26], "little")
-    lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(count,))
-    return int(lengths.sum(dtype=np.int64))
+    """Tokens in a Megatron indexed dataset, from its .idx sequence lengths."""
+    return int(read_index(prefix).lengths.sum(dtype=np.int64))
 
 
 def dataset_tokens(cfg: RunConfig) -> tuple[int, str]:
