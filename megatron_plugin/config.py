@@ -189,6 +189,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def model_config_from_dict(raw: dict) -> tuple[ModelConfig, list[str]]:
+    """A ModelConfig from a saved run config's "model" section, and the keys this version does
+    not know (ignored)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in raw.items() if k in fields}), sorted(set(raw) - fields)
+
+
 def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
     if world_size % model_parallel:

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from megatron_plugin.config import ModelConfig
+from megatron_plugin.config import ModelConfig, model_config_from_dict
 from megatron_plugin.export import mapping
 
 logger = logging.getLogger(__name__)
@@ -97,14 +97,13 @@ def read_run_config(ckpt_dir: Path) -> dict:
 
 
 def model_config_from_run_config(run_config: dict, source: Path) -> ModelConfig:
-    fields = {f.name for f in ModelConfig.__dataclass_fields__.values()}
     raw = run_config.get("model")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{source} has no 'model' section")
-    unknown = sorted(set(raw) - fields)
+    model, unknown = model_config_from_dict(raw)
     if unknown:
         logger.warning("%s: ignoring model fields this version does not know: %s", source, unknown)
-    return ModelConfig(**{k: v for k, v in raw.items() if k in fields})
+    return model
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_plugin.config import RunConfig
+from megatron_plugin.config import RunConfig, model_config_from_dict
 from megatron_plugin.training.optimizer import TrainState
 
 logger = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def _check_model_matches(cfg: RunConfig, path: str, saved_run: dict, saved_tp: i
                 f"model.{name}={getattr(cfg.model, name)}: set model.{name}={saved_model[name]} or "
                 "start a new run.dir"
             )
-    saved_padded = type(cfg.model)(**{k: v for k, v in saved_model.items() if k in cfg.model.__dict__}).padded_vocab_size(saved_tp)
+    saved_padded = model_config_from_dict(saved_model)[0].padded_vocab_size(saved_tp)
     if saved_model and saved_padded != cfg.model.padded_vocab_size(cfg.parallel.tensor):
         raise CheckpointError(
             f"{path} has its vocabulary padded to {saved_padded} rows (TP={saved_tp}); at "
