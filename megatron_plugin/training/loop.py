@@ -73,7 +73,7 @@ def _dp_rank() -> int:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run training as configured; returns a summary (last step, losses) for callers and tests."""
+    """Run training as configured; returns the last step and the samples consumed."""
     runtime = init_distributed(cfg.parallel, cfg.train.seed)
     prepare_data(cfg, runtime)
     check_tokenizer_fits(cfg)
@@ -110,7 +110,6 @@ def train(cfg: RunConfig) -> dict:
                     gbs, mbs, num_micro, dp, seq, fpt, peak, peak_source)
     stop = _StopSignal()
     start_time = time.perf_counter()
-    losses = {}
     if cfg.train.manual_gc_interval:
         gc.disable()
     checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model)
@@ -131,7 +130,6 @@ def train(cfg: RunConfig) -> dict:
                     f"({ckpt.read_latest(ckpt.checkpoint_root(cfg)) or 'none'}) stays `latest`: "
                     "lower optim.lr or check the data, then resume"
                 )
-            losses[step] = result.loss
             checkpointer.poll()
             if cfg.train.manual_gc_interval and step % cfg.train.manual_gc_interval == 0:
                 gc.collect()
@@ -166,7 +164,7 @@ def train(cfg: RunConfig) -> dict:
         metrics.close()
         if cfg.train.manual_gc_interval:
             gc.enable()
-    return {"step": step, "losses": losses, "consumed_samples": consumed}
+    return {"step": step, "consumed_samples": consumed}
 
 
 def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int, metrics: MetricsWriter) -> float:
