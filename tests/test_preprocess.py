@@ -134,30 +134,29 @@ def test_per_word_path_decided_from_model_spec(models):
         assert why
 
 
-SEGMENT_TEXTS = [
+CODE_LIKE_TEXTS = [
     "foo, (bar) x.y_z a1b2c3 C++ e.g. i.e., don't \"quoted\" [link](http://x.org/a?b=c&d=e) 3.14abc",
     "snake_case camelCase kebab-case ::scope-> <tag attr='v'/> #hash @at $var %pct ^up ~tilde `tick`",
     "émigré, naïve; Straße! 中文, word—dash …ellipsis “curly” ‘single’ ½a a½ ＡＢ, x\u0301, y",
 ]
 
 
-@pytest.mark.parametrize("cache_words,segments", [(200_000, True), (3, True), (200_000, False)])
-def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words, segments):
-    from megatron_plugin.preprocess.encoder import no_prefix_processor, segments_exact
-
+@pytest.mark.parametrize("cache_words", [200_000, 3])
+def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words):
     info = describe(models["default"])
     sp = spm.SentencePieceProcessor(model_file=info.path)
-    mid = None
-    if segments:
-        assert segments_exact(info.path)[0]
-        mid = no_prefix_processor(info.path)
     enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization),
-                           cache_words, mid)
-    texts = ADVERSARIAL + SEGMENT_TEXTS + corpus[1][:100] + [a + b for a in ADVERSARIAL for b in ADVERSARIAL[:6]]
-    texts += [a + "," + b for a in SEGMENT_TEXTS for b in ADVERSARIAL]
+                           cache_words)
+    texts = ADVERSARIAL + CODE_LIKE_TEXTS + corpus[1][:100] + [a + b for a in ADVERSARIAL for b in ADVERSARIAL[:6]]
+    texts += [a + "," + b for a in CODE_LIKE_TEXTS for b in ADVERSARIAL]
+    # One document at a time, and whole batches (where misses are found and encoded together).
     for text in texts:
         got = np.frombuffer(enc.encode(text), np.uint16).tolist()
         assert got == sp.encode(text), repr(text)
+    for start in range(0, len(texts), 37):
+        batch = texts[start : start + 37]
+        for text, got in zip(batch, enc.encode_many(batch)):
+            assert np.frombuffer(got, np.uint16).tolist() == sp.encode(text), repr(text)
 
 
 def test_separators_differ_from_python_whitespace(models):
@@ -175,20 +174,19 @@ def test_output_equals_plain_encoding_for_every_model(tmp_path, models, corpus, 
     got = _read_docs(res.prefix)
     assert got == [_plain_doc(sp, d, sp.eos_id()) for d in docs]
     enc = res.manifests["text"]["encoder"]
-    assert enc["mode"] == ("per-word cache + segments" if name == "default" else "plain")
+    assert enc["mode"] == ("per-word cache" if name == "default" else "plain")
     assert enc["verified_documents"] >= 45
 
 
 def test_verify_catches_a_wrong_encoder(tmp_path, models, corpus, monkeypatch):
     from megatron_plugin.preprocess import encoder as enc_mod
 
-    real = enc_mod.WordCacheEncoder.encode
+    real = enc_mod.WordCacheEncoder.encode_many
 
-    def broken(self, text):
-        out = real(self, text)
-        return out[:-2] if len(out) > 4 else out
+    def broken(self, texts):
+        return [out[:-2] if len(out) > 4 else out for out in real(self, texts)]
 
-    monkeypatch.setattr(enc_mod.WordCacheEncoder, "encode", broken)
+    monkeypatch.setattr(enc_mod.WordCacheEncoder, "encode_many", broken)
     with pytest.raises(PreprocessError, match="--verify found a difference"):
         preprocess_files([corpus[0]], tmp_path / "out", models["default"], workers=1, verify=1000)
     assert not list(tmp_path.glob("out*.bin")) and not list(tmp_path.glob("out*.idx"))
@@ -286,10 +284,13 @@ BAD_CASES = [
     ("missing_key", b'{"text": "ok"}\n{"body": "x"}\n', 2, "missing key 'text'"),
     ("non_string", b'{"text": "ok"}\n{"text": "ok"}\n{"text": 42}\n', 3, "holds a int, not a string"),
     ("invalid_utf8", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2, "invalid UTF-8"),
+    # A lone surrogate escape parses as JSON but cannot be encoded; its chunk-mates still are.
+    ("invalid_utf8", b'{"text": "ok words"}\n{"text": "more words"}\n{"text": "bad \\ud800 x"}\n{"text": "end"}\n',
+     3, "not valid Unicode"),
 ]
 
 
-@pytest.mark.parametrize("reason,data,line,msg", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize("reason,data,line,msg", BAD_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_CASES)])
 def test_bad_input_stops_with_file_and_line(tmp_path, models, reason, data, line, msg):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(data)

@@ -6,10 +6,13 @@ are the concatenation of the ids of its words, each encoded alone. Most words re
 from word to its token bytes turns encoding into dictionary look-ups and one ``bytes.join``.
 
 Where to split decides exactness: we split on exactly the characters that this model's
-normalizer turns into a word boundary, measured once per model by normalizing ``"a" + c + "b"``
-for every code point. Python's ``str.split()`` is used when a document holds none of the
-characters on which it disagrees with that set (the common case), because it is much faster than
-a regular expression.
+normalizer turns into a word boundary (``normalizer_probe``). Python's ``str.split()`` is used when
+a document holds none of the characters on which it disagrees with that set (the common case),
+because it is much faster than a regular expression.
+
+Documents are encoded a chunk at a time: each document's words are looked up once, and the words
+missed anywhere in the chunk are encoded in one batched SentencePiece call before the missed
+documents are joined.
 
 Models whose settings break the identity (no dummy prefix, kept extra whitespace, no whitespace
 split, whitespace as suffix, non-BPE) use plain batched encoding instead. ``--verify`` re-encodes
@@ -19,9 +22,11 @@ from __future__ import annotations
 
 import functools
 import re
-from array import array
 import sys
 import unicodedata
+from array import array
+from itertools import accumulate, chain, compress, repeat
+from operator import is_
 from typing import Optional, Sequence
 
 import numpy as np
@@ -29,7 +34,9 @@ import sentencepiece as spm
 
 from .tokenizer import ModelSpec
 
-DEFAULT_CACHE_WORDS = 100_000  # per generation, per worker: two generations stay under ~60 MB
+DEFAULT_CACHE_WORDS = 200_000  # per generation, per worker: two generations stay near 60 MB
+MISS_BATCH = 20_000  # missed words encoded per SentencePiece call
+WS = "\u2581"  # SentencePiece's escaped whitespace
 
 
 def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
@@ -43,6 +50,8 @@ def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
         (spec.escape_whitespaces, "escape_whitespaces=false"),
         (spec.split_by_whitespace, "split_by_whitespace=false"),
         (not spec.treat_whitespace_as_suffix, "treat_whitespace_as_suffix=true"),
+        (not any(WS in p[1:] or " " in p for p in spec.user_defined),
+         "a user-defined piece spans a word boundary"),
     ]
     for ok, why in checks:
         if not ok:
@@ -53,23 +62,35 @@ def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
 # Normalization rules built into SentencePiece: their character maps come from Unicode data, so
 # unassigned and private-use code points map to themselves and need no probe.
 BUILTIN_RULES = {"nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"}
+# Past this code point only planes 14-16 (tags, variation selectors, private use) are assigned.
+_LAST_ASSIGNED_BELOW_PLANE_14 = 0x323AF
+
+
+def _probe_code_points(all_code_points: bool) -> list[int]:
+    if all_code_points:
+        return [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
+    cat = unicodedata.category
+    cps = [c for c in range(_LAST_ASSIGNED_BELOW_PLANE_14 + 1) if not 0xD800 <= c < 0xE000]
+    cps += range(0xE0000, 0xE01F0)
+    return [c for c in cps if cat(chr(c)) not in ("Cn", "Co")]
 
 
 @functools.lru_cache(maxsize=8)
 def _separators_cached(model_path: str, sha256: str, all_code_points: bool) -> str:
     sp = spm.SentencePieceProcessor(model_file=model_path)
     ref = sp.normalize("a b")
-    cps = [c for c in range(sys.maxunicode + 1) if not 0xD800 <= c < 0xE000]
-    if not all_code_points:
-        cat = unicodedata.category
-        cps = [c for c in cps if cat(chr(c)) not in ("Cn", "Co")]
+    cps = _probe_code_points(all_code_points)
     probes = sp.normalize(["a" + chr(c) + "b" for c in cps])
     return "".join(chr(c) for c, r in zip(cps, probes) if r == ref)
 
 
-def word_separators(model_path: str, sha256: str, normalization: str = "") -> str:
-    """Characters this model's normalizer turns into a word boundary (``a<c>b`` == ``a b``)."""
-    return _separators_cached(model_path, sha256, normalization not in BUILTIN_RULES)
+def word_separators(model_path: str, sha256: str, normalization: str = "", custom_rules: bool = False) -> str:
+    """Characters this model's normalizer turns into a word boundary (``a<c>b`` == ``a b``).
+
+    Measured once per model (``sha256`` keys the cache) by normalizing ``"a" + c + "b"`` for every
+    assigned code point, or every code point for custom normalization rules.
+    """
+    return _separators_cached(model_path, sha256, custom_rules or normalization not in BUILTIN_RULES)
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,7 +100,7 @@ def _python_whitespace() -> frozenset[str]:
 
 
 class WordCacheEncoder:
-    """Per-word cached encoder; ``encode(text)`` returns the document's token bytes (no EOD)."""
+    """Per-word cached encoder; ``encode_many(texts)`` gives each document's token bytes (no EOD)."""
 
     def __init__(
         self,
@@ -87,21 +108,15 @@ class WordCacheEncoder:
         dtype: np.dtype,
         separators: str,
         cache_words: int = DEFAULT_CACHE_WORDS,
-        sp_no_prefix: Optional[spm.SentencePieceProcessor] = None,
     ) -> None:
         self.sp = sp
-        # When given (see ``segments_exact``), a missed word is cut between ASCII letters and other
-        # ASCII characters; its first segment is looked up as a word, the others in ``mid`` and
-        # encoded without the dummy prefix. Most rare words ("foo," "(bar)" "x.y_z") are then
-        # built from cached parts instead of being encoded by SentencePiece.
-        self.sp_mid = sp_no_prefix
-        self.mid: dict[str, bytes] = {}
         self.dtype = np.dtype(dtype)
         self.cache_words = max(1, cache_words)
         # Two generations approximate an LRU at dictionary speed: when ``hot`` is full it becomes
         # ``old``; words found in ``old`` are promoted. Memory stays bounded by two generations.
         self.hot: dict[str, bytes] = {}
         self.old: dict[str, bytes] = {}
+        # array.array converts a short id list faster than numpy; same bytes as the dtype.
         self._typecode = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}[self.dtype]
         assert array(self._typecode).itemsize == self.dtype.itemsize
         sep = set(separators)
@@ -120,133 +135,59 @@ class WordCacheEncoder:
         return text.split()
 
     def encode(self, text: str) -> bytes:
-        words = self.words(text)
-        self.lookups += len(words)
-        if len(words) > 64:
-            # A long document almost always holds a rare word: find misses with one set
-            # difference instead of a join attempt that would fail.
-            if set(words).difference(self.hot):
-                self._fill(words)
-            return b"".join(map(self.hot.__getitem__, words))
-        try:
-            # hot.get gives None for a miss, and join rejects None before copying anything.
-            return b"".join(map(self.hot.get, words))
-        except TypeError:
-            self._fill(words)
-            return b"".join(map(self.hot.__getitem__, words))
+        return self.encode_many([text])[0]
 
-    def _fill(self, words: Sequence[str]) -> None:
-        """Add this document's missing words: promote from the old generation, encode the rest."""
-        uniq = set(words)
-        if len(self.hot) + len(uniq) > self.cache_words:
-            self.old = self.hot
-            self.hot = {}
+    def encode_many(self, texts: Sequence[str]) -> list[bytes]:
+        word_lists = [self.words(t) for t in texts]
+        get = self.hot.get
+        out: list = []
+        missed = []  # documents with a word not in ``hot``; ``out`` holds their look-ups for now
+        for words in word_lists:
+            found = list(map(get, words))
+            if None in found:
+                missed.append(len(out))
+                out.append(found)
+            else:
+                out.append(b"".join(found))
+        self.lookups += sum(map(len, word_lists))
+        if missed:
+            self._fill(word_lists, out, missed)
+            getitem = self.hot.__getitem__
+            for i in missed:
+                out[i] = b"".join(map(getitem, word_lists[i]))
+        return out
+
+    def _fill(self, word_lists: list, found: list, missed: list) -> None:
+        """Put every word of the missed documents in ``hot``: promote from ``old``, encode the rest."""
+        need: set = set()
+        for i in missed:
+            need.update(compress(word_lists[i], map(is_, found[i], repeat(None))))
+        if len(self.hot) + len(need) > self.cache_words:
+            self.old, self.hot = self.hot, {}
+            need = set(chain.from_iterable(word_lists[i] for i in missed))
         hot, old = self.hot, self.old
         encode = []
-        for w in uniq.difference(hot):
+        for w in need:
             v = old.get(w)
             if v is None:
                 encode.append(w)
             else:
                 hot[w] = v
-        if encode:
-            if self.sp_mid is not None:
-                encode = self._from_segments(encode)
-            self._encode_words(encode)
+        self.misses += len(encode)
+        for start in range(0, len(encode), MISS_BATCH):
+            self._encode_words(encode[start : start + MISS_BATCH])
 
     def _encode_words(self, words: list) -> None:
-        if not words:
-            return
-        self.misses += len(words)
-        tc = self._typecode
-        hot = self.hot
-        for w, ids in zip(words, self.sp.encode(words, num_threads=1)):
-            hot[w] = array(tc, ids).tobytes()
-
-    def _from_segments(self, words: list) -> list:
-        """Build the words that split into several segments from cached segments; return the rest."""
-        split = _SEGMENT.split
-        whole, multi = [], []
-        for w in words:
-            parts = split(w)
-            if len(parts) == 1:
-                whole.append(w)
-            else:
-                multi.append((w, parts))
-        if not multi:
-            return whole
-        hot, old, mid = self.hot, self.old, self.mid
-        firsts = []
-        for _, parts in multi:
-            f = parts[0]
-            if f not in hot:
-                v = old.get(f)
-                if v is None:
-                    firsts.append(f)
-                else:
-                    hot[f] = v
-        self._encode_words(list(set(firsts)))
-        need = {p for _, parts in multi for p in parts[1:] if p not in mid}
-        if len(mid) + len(need) > self.cache_words:
-            mid.clear()  # bounded: start again, then every segment of these words is needed
-            need = {p for _, parts in multi for p in parts[1:]}
-        need = list(need)
-        if need:
-            self.misses += len(need)
-            tc = self._typecode
-            for p, ids in zip(need, self.sp_mid.encode(need, num_threads=1)):
-                mid[p] = array(tc, ids).tobytes()
-        for w, parts in multi:
-            hot[w] = hot[parts[0]] + b"".join([mid[p] for p in parts[1:]])
-        return whole
-
-
-# Cut points inside a word: between an ASCII letter and another printable ASCII character.
-_LETTER = "A-Za-z"
-_OTHER = "!-@\\[-`{-~"
-_SEGMENT = re.compile(f"(?<=[{_LETTER}])(?=[{_OTHER}])|(?<=[{_OTHER}])(?=[{_LETTER}])")
-_CROSSES = re.compile(f"[{_LETTER}][{_OTHER}]|[{_OTHER}][{_LETTER}]")
-
-
-def segments_exact(model_path: str) -> tuple[bool, str]:
-    """Whether a word's ids are its segments' ids (first with, others without the dummy prefix).
-
-    True when no piece the encoder may produce contains a letter/other boundary (BPE can then
-    never merge across one, so each segment is encoded independently), every printable ASCII
-    character normalizes to itself, and none of them can become <unk> (adjacent unknowns would
-    merge). SentencePiece's default ``split_by_unicode_script`` training gives such vocabularies.
-    """
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as pb
-    except Exception:
-        return False, "protobuf unavailable"
-    proto = pb.ModelProto()
-    with open(model_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    T = pb.ModelProto.SentencePiece
-    usable = (T.NORMAL, T.USER_DEFINED, T.UNUSED)
-    for p in proto.pieces:
-        if p.type in usable and _CROSSES.search(p.piece):
-            return False, f"piece {p.piece!r} crosses a letter/punctuation boundary"
-    sp = spm.SentencePieceProcessor(model_file=model_path)
-    ascii_chars = [chr(c) for c in range(0x21, 0x7F)]
-    probes = sp.normalize(["a" + c + "b" for c in ascii_chars])
-    if any(r != "\u2581a" + c + "b" for c, r in zip(ascii_chars, probes)):
-        return False, "the normalizer changes printable ASCII"
-    if not proto.trainer_spec.byte_fallback and any(sp.piece_to_id(c) == sp.unk_id() for c in ascii_chars):
-        return False, "some printable ASCII characters are unknown to the model"
-    return True, "per-word cache with word segments"
-
-
-def no_prefix_processor(model_path: str) -> spm.SentencePieceProcessor:
-    """The same model without the dummy prefix: encodes a segment that does not start a word."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    proto = pb.ModelProto()
-    with open(model_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    proto.normalizer_spec.add_dummy_prefix = False
-    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        # One SentencePiece call per batch of words, then one array for all their ids, cut into
+        # per-word byte strings by C-level slicing. (Encoding the words as one space-joined string
+        # would give the same ids but is slower: BPE's cost grows with the string's length.)
+        ids = self.sp.encode(words, num_threads=1)
+        data = array(self._typecode, chain.from_iterable(ids)).tobytes()
+        ends = list(accumulate(map(len, ids), initial=0))
+        isz = self.dtype.itemsize
+        if isz != 1:
+            ends = [e * isz for e in ends]
+        self.hot.update(zip(words, map(data.__getitem__, map(slice, ends, ends[1:]))))
 
 
 class PlainEncoder:
@@ -260,6 +201,10 @@ class PlainEncoder:
 
     def encode(self, text: str) -> bytes:
         return np.array(self.sp.encode(text), dtype=self.dtype).tobytes()
+
+    def encode_many(self, texts: Sequence[str]) -> list[bytes]:
+        dtype = self.dtype
+        return [np.array(ids, dtype=dtype).tobytes() for ids in self.sp.encode(list(texts), num_threads=1)]
 
 
 def plain_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:

@@ -14,7 +14,7 @@ import numpy as np
 from megatron_plugin.data.indexed import IndexedDatasetWriter, optimal_dtype
 
 from . import manifest as mf
-from .encoder import DEFAULT_CACHE_WORDS, per_word_exact, segments_exact, word_separators
+from .encoder import DEFAULT_CACHE_WORDS, per_word_exact, word_separators
 from .errors import EMPTY, HOW_TO_SKIP, PreprocessError
 from .readers import Chunk, InputFile, check_readable, expand_inputs, iter_chunks, parse_chunk, shard_files
 from .tokenizer import TokenizerInfo, TrainerOptions, describe, require_eod, train_sentencepiece
@@ -47,7 +47,7 @@ class PreprocessOptions:
     shard_index: Optional[int] = None  # None with num_shards > 1: every shard here, then merge
     chunk_bytes: int = 1 << 20
     cache_words: int = DEFAULT_CACHE_WORDS
-    encoder: str = "auto"  # "auto" | "words" (per-word cache, no segments) | "plain"
+    encoder: str = "auto"  # "auto" | "words" (per-word cache, misses one by one) | "plain"
     overwrite: bool = False
     progress: bool = True
     seed: int = 0
@@ -233,15 +233,12 @@ def _encode_files(
     eod = require_eod(info) if opts.append_eod else -1
     exact, why = per_word_exact(info.spec)
     use_cache = exact and opts.encoder != "plain"
-    separators = word_separators(info.path, info.sha256, info.spec.normalization) if use_cache else ""
-    segments = False
-    if use_cache and opts.encoder == "auto":
-        segments, seg_why = segments_exact(info.path)
-        why = seg_why if segments else f"{why} (no word segments: {seg_why})"
+    separators = (word_separators(info.path, info.sha256, info.spec.normalization, info.spec.has_rule_tsv)
+                  if use_cache else "")
     cfg = WorkerConfig(
         model_path=info.path, keys=tuple(opts.json_keys), dtype=str(dtype), append_eod=opts.append_eod,
-        eod_id=eod, empty_documents=opts.empty_documents, per_word=use_cache, separators=separators,
-        cache_words=opts.cache_words, segments=segments,
+        eod_id=eod, empty_documents=opts.empty_documents, per_word=use_cache,
+        separators=separators, cache_words=opts.cache_words,
     )
     t0 = time.time()
     bad_files: list = []
@@ -314,7 +311,7 @@ def _encode_files(
                 "blank_lines_ignored": stats["blank_lines"],
             },
             "tokenizer": info.as_dict(),
-            "encoder": {"mode": ("per-word cache" + (" + segments" if segments else "")) if use_cache else "plain",
+            "encoder": {"mode": "per-word cache" if use_cache else "plain",
                         "why": why,
                         "cache_words": opts.cache_words,
                         "cache_hit_rate": round(1 - stats["misses"] / stats["lookups"], 4) if stats["lookups"] else None,

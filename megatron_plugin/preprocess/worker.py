@@ -9,9 +9,13 @@ from typing import Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder, no_prefix_processor
+from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder
 from .errors import EMPTY, INVALID_UTF8, BadRecord
 from .readers import Chunk, parse_chunk
+
+
+# What SentencePiece raises on text it cannot take (lone surrogates from JSON "\ud800" escapes).
+ENCODE_ERRORS = (UnicodeEncodeError, TypeError, RuntimeError)
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,6 @@ class WorkerConfig:
     per_word: bool
     separators: str = ""
     cache_words: int = DEFAULT_CACHE_WORDS
-    segments: bool = False  # see encoder.segments_exact
 
 
 @dataclass
@@ -52,8 +55,7 @@ class Worker:
         self.sp = spm.SentencePieceProcessor(model_file=cfg.model_path)
         dtype = np.dtype(cfg.dtype)
         if cfg.per_word:
-            mid = no_prefix_processor(cfg.model_path) if cfg.segments else None
-            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words, mid)
+            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words)
         else:
             self.encoder = PlainEncoder(self.sp, dtype)
         self.eod = np.array([cfg.eod_id], dtype=dtype).tobytes() if cfg.append_eod else b""
@@ -68,18 +70,22 @@ class Worker:
         bad = list(parsed.bad)
         outs: list[list[bytes]] = [[] for _ in range(nkeys)]
         lens: list[list[int]] = [[] for _ in range(nkeys)]
+        lookups0, misses0 = self.encoder.lookups, self.encoder.misses
         encode = self.encoder.encode
+        encoded_docs = self._encode_chunk(parsed.docs, nkeys)
         eod = self.eod
         isz = self.itemsize
         keep_empty = cfg.empty_documents == "keep"
         verify_idx = self._verify_picks(chunk, len(parsed.docs))
-        lookups0, misses0 = self.encoder.lookups, self.encoder.misses
         for di, (lineno, texts) in enumerate(parsed.docs):
-            try:
-                encoded = [encode(t) for t in texts]
-            except (UnicodeEncodeError, TypeError, RuntimeError) as exc:
-                bad.append(BadRecord(INVALID_UTF8, chunk.path, lineno, f"text is not valid Unicode ({exc})"))
-                continue
+            if encoded_docs is not None:
+                encoded = [col[di] for col in encoded_docs]
+            else:
+                try:
+                    encoded = [encode(t) for t in texts]
+                except ENCODE_ERRORS as exc:
+                    bad.append(BadRecord(INVALID_UTF8, chunk.path, lineno, f"text is not valid Unicode ({exc})"))
+                    continue
             if any(not e for e in encoded):
                 res.empty += 1
                 if not keep_empty:
@@ -106,6 +112,13 @@ class Worker:
         res.lookups = self.encoder.lookups - lookups0
         res.misses = self.encoder.misses - misses0
         return res
+
+    def _encode_chunk(self, docs: list, nkeys: int) -> Optional[list]:
+        """Every document of the chunk at once, per key; None if one fails (then one at a time)."""
+        try:
+            return [self.encoder.encode_many([texts[k] for _, texts in docs]) for k in range(nkeys)]
+        except ENCODE_ERRORS:
+            return None
 
     def _verify_picks(self, chunk: Chunk, ndocs: int) -> Optional[set]:
         if chunk.verify <= 0 or ndocs == 0:
