@@ -6,7 +6,7 @@ are the concatenation of the ids of its words, each encoded alone. Most words re
 from word to its token bytes turns encoding into dictionary look-ups and one ``bytes.join``.
 
 Where to split decides exactness: we split on exactly the characters that this model's
-normalizer turns into a word boundary (``normalizer_probe``). Python's ``str.split()`` is used when
+normalizer turns into a word boundary (``word_separators``). Python's ``str.split()`` is used when
 a document holds none of the characters on which it disagrees with that set (the common case),
 because it is much faster than a regular expression.
 
@@ -116,7 +116,7 @@ class WordCacheEncoder:
         # ``old``; words found in ``old`` are promoted. Memory stays bounded by two generations.
         self.hot: dict[str, bytes] = {}
         self.old: dict[str, bytes] = {}
-        # array.array converts a short id list faster than numpy; same bytes as the dtype.
+        # array.array builds the token bytes straight from Python ints; same layout as the dtype.
         self._typecode = {np.dtype(np.uint16): "H", np.dtype(np.int32): "i"}[self.dtype]
         assert array(self._typecode).itemsize == self.dtype.itemsize
         sep = set(separators)
