@@ -166,6 +166,25 @@ def test_separators_differ_from_python_whitespace(models):
     assert "\x1c" not in seps and "\x85" not in seps  # str.split() splits there, SentencePiece does not
 
 
+def test_separators_kept_on_disk_per_model(tmp_path, models, monkeypatch):
+    from megatron_plugin.preprocess import encoder as enc_mod
+
+    info = describe(models["default"])
+    fresh = word_separators(info.path, info.sha256, info.spec.normalization)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    enc_mod._separators_cached.cache_clear()
+    assert word_separators(info.path, info.sha256, info.spec.normalization) == fresh
+    files = list((tmp_path / "megatron_plugin").glob(f"separators-{info.sha256}-*.json"))
+    assert len(files) == 1
+    assert json.loads(files[0].read_text())["separators"] == [ord(c) for c in fresh]
+    # A damaged file is probed again and rewritten, never trusted.
+    files[0].write_text('{"separators": [32, ')
+    enc_mod._separators_cached.cache_clear()
+    assert word_separators(info.path, info.sha256, info.spec.normalization) == fresh
+    assert json.loads(files[0].read_text())["separators"] == [ord(c) for c in fresh]
+    enc_mod._separators_cached.cache_clear()
+
+
 @pytest.mark.parametrize("name", ["default", "no_dummy_prefix", "keep_whitespace", "no_split"])
 def test_output_equals_plain_encoding_for_every_model(tmp_path, models, corpus, name):
     path, docs = corpus

@@ -13,6 +13,7 @@ import pytest
 
 from megatron_plugin.config import ConfigError
 from megatron_plugin.recipes.overrides import apply_overrides
+from megatron_plugin.recipes import plan as plan_mod
 from megatron_plugin.recipes.plan import make_plan
 from megatron_plugin.recipes.presets import PRESETS, get_preset
 from megatron_plugin.recipes.run import main as run_main
@@ -58,7 +59,7 @@ def test_production_plan_is_the_true_one():
     assert plan["hours_at_mfu"] == pytest.approx(expected_hours)
     assert plan["initial_loss"] == pytest.approx(math.log(32000))
     assert 16 < plan["checkpoint_resumable_gb"] < 18 and 2.3 < plan["checkpoint_weights_gb"] < 2.5
-    assert plan["preprocess_hours"] == pytest.approx(51e9 / (0.8e6 * 64) / 3600)
+    assert plan["preprocess_hours"] == pytest.approx(51e9 / (plan_mod.PREPROCESS_TOKENS_PER_CORE_S * 64) / 3600)
 
 
 def test_plan_counts_tokens_of_a_real_dataset(tmp_path):

@@ -76,9 +76,8 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, default=None,
                    help="process only this shard (0-based) into its own prefix; without it, all shards "
                         "run here one after another (each resumable) and are merged")
-    p.add_argument("--encoder", choices=("auto", "words", "plain"), default="auto",
-                   help="auto: per-word cache (misses encoded in batches) where exact for the model, else plain; "
-                        "words: per-word cache, misses encoded one by one; plain: always plain SentencePiece")
+    p.add_argument("--encoder", choices=("auto", "plain"), default="auto",
+                   help="auto: per-word cache where exact for the model, else plain; plain: always plain SentencePiece")
     p.add_argument("--cache-words", type=int, default=None, help="per-worker word cache size (entries per generation)")
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per work item (default 1 MiB)")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that are already complete")

@@ -21,6 +21,8 @@ random documents with plain SentencePiece either way.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
 import sys
 import unicodedata
@@ -75,20 +77,45 @@ def _probe_code_points(all_code_points: bool) -> list[int]:
     return [c for c in cps if cat(chr(c)) not in ("Cn", "Co")]
 
 
+def _probe_cache_file(sha256: str, all_code_points: bool) -> str:
+    # Keyed by the model's content and by what decides the probe's answer: SentencePiece's
+    # normalizer and the Unicode data that picks the code points to probe.
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    scope = "all" if all_code_points else "assigned"
+    name = f"separators-{sha256}-{scope}-sp{spm.__version__}-unicode{unicodedata.unidata_version}.json"
+    return os.path.join(root, "megatron_plugin", name)
+
+
 @functools.lru_cache(maxsize=8)
 def _separators_cached(model_path: str, sha256: str, all_code_points: bool) -> str:
+    cache_file = _probe_cache_file(sha256, all_code_points)
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            return "".join(map(chr, json.load(f)["separators"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
     sp = spm.SentencePieceProcessor(model_file=model_path)
     ref = sp.normalize("a b")
     cps = _probe_code_points(all_code_points)
     probes = sp.normalize(["a" + chr(c) + "b" for c in cps])
-    return "".join(chr(c) for c, r in zip(cps, probes) if r == ref)
+    seps = [c for c, r in zip(cps, probes) if r == ref]
+    try:  # best effort: an unwritable cache directory only costs the probe next time
+        os.makedirs(os.path.dirname(cache_file), exist_ok=True)
+        tmp = f"{cache_file}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"model_sha256": sha256, "separators": seps}, f)
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass
+    return "".join(map(chr, seps))
 
 
 def word_separators(model_path: str, sha256: str, normalization: str = "", custom_rules: bool = False) -> str:
     """Characters this model's normalizer turns into a word boundary (``a<c>b`` == ``a b``).
 
-    Measured once per model (``sha256`` keys the cache) by normalizing ``"a" + c + "b"`` for every
-    assigned code point, or every code point for custom normalization rules.
+    Measured by normalizing ``"a" + c + "b"`` for every assigned code point (every code point for
+    custom normalization rules), about 0.1 s; the answer is kept per model checksum in memory and
+    under ``~/.cache/megatron_plugin`` (``$XDG_CACHE_HOME``).
     """
     return _separators_cached(model_path, sha256, custom_rules or normalization not in BUILTIN_RULES)
 

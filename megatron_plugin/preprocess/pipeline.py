@@ -47,7 +47,7 @@ class PreprocessOptions:
     shard_index: Optional[int] = None  # None with num_shards > 1: every shard here, then merge
     chunk_bytes: int = 1 << 20
     cache_words: int = DEFAULT_CACHE_WORDS
-    encoder: str = "auto"  # "auto" | "words" (per-word cache, misses one by one) | "plain"
+    encoder: str = "auto"  # "auto" (per-word cache where exact) | "plain"
     overwrite: bool = False
     progress: bool = True
     seed: int = 0
@@ -351,6 +351,8 @@ def preprocess(opts: PreprocessOptions) -> PreprocessResult:
     """Run the whole job for one output prefix (one shard, every shard, or no sharding)."""
     if not opts.json_keys:
         raise PreprocessError("--json-keys needs at least one key")
+    if opts.encoder not in ("auto", "plain"):
+        raise PreprocessError(f"encoder must be 'auto' or 'plain', got {opts.encoder!r}")
     files = expand_inputs(opts.inputs)
     if opts.num_shards > 1 and opts.train_tokenizer and opts.shard_index is not None:
         raise PreprocessError(
