@@ -210,10 +210,8 @@ class WordCacheEncoder:
         # would give the same ids but is slower: BPE's cost grows with the string's length.)
         ids = self.sp.encode(words, num_threads=1)
         data = array(self._typecode, chain.from_iterable(ids)).tobytes()
-        ends = list(accumulate(map(len, ids), initial=0))
         isz = self.dtype.itemsize
-        if isz != 1:
-            ends = [e * isz for e in ends]
+        ends = [n * isz for n in accumulate(map(len, ids), initial=0)]
         self.hot.update(zip(words, map(data.__getitem__, map(slice, ends, ends[1:]))))
 
 

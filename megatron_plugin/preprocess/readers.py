@@ -278,6 +278,16 @@ def _utf8_error(exc: UnicodeDecodeError) -> str:
     return f"invalid UTF-8 at byte {exc.start} of the line ({bad!r}); re-encode the file as UTF-8"
 
 
+def _decode_record(raw: bytes, lineno: int, strip_bom: bool, path: str, out: Parsed) -> Optional[str]:
+    """One record's text, without a leading byte-order mark; None (recorded in ``out``) if not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        out.bad.append(BadRecord(INVALID_UTF8, path, lineno, _utf8_error(exc)))
+        return None
+    return text[1:] if strip_bom and text.startswith("\ufeff") else text
+
+
 def parse_chunk(chunk: Chunk, keys: Sequence[str]) -> Parsed:
     if chunk.kind == "jsonl":
         return _parse_jsonl(chunk, keys)
@@ -296,13 +306,9 @@ def _parse_jsonl(chunk: Chunk, keys: Sequence[str]) -> Parsed:
     single = keys[0] if len(keys) == 1 else None
     for i, raw in enumerate(lines):
         lineno = chunk.first_line + i
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.bad.append(BadRecord(INVALID_UTF8, path, lineno, _utf8_error(exc)))
+        text = _decode_record(raw, lineno, chunk.file_start and i == 0, path, out)
+        if text is None:
             continue
-        if chunk.file_start and i == 0 and text.startswith("\ufeff"):
-            text = text[1:]
         try:
             obj = loads(text)
         except ValueError as exc:
@@ -402,13 +408,9 @@ def _parse_text(chunk: Chunk) -> Parsed:
             lines.pop()
         pieces = [(chunk.first_line + i, l) for i, l in enumerate(lines)]
     for i, (lineno, raw) in enumerate(pieces):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.bad.append(BadRecord(INVALID_UTF8, path, lineno, _utf8_error(exc)))
+        text = _decode_record(raw, lineno, chunk.file_start and i == 0, path, out)
+        if text is None:
             continue
-        if chunk.file_start and i == 0 and text.startswith("\ufeff"):
-            text = text[1:]
         if chunk.unit == "line":
             text = text.rstrip("\r")
         if not text.strip():
