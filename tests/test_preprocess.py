@@ -159,6 +159,22 @@ def test_word_cache_equals_plain_on_adversarial_text(models, corpus, cache_words
             assert np.frombuffer(got, np.uint16).tolist() == sp.encode(text), repr(text)
 
 
+@pytest.mark.parametrize("cache_words", [200_000, 3])
+def test_failed_batch_leaves_no_unfilled_word_in_cache(models, cache_words):
+    # A batch that cannot be encoded (a lone surrogate) must not leave the placeholders of its
+    # new words behind: the same words in later documents would be written as no tokens at all.
+    info = describe(models["default"])
+    sp = spm.SentencePieceProcessor(model_file=info.path)
+    enc = WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization),
+                           cache_words)
+    good = ["zebra quokka axolotl", "quokka narwhal zebra okapi", "axolotl okapi"]
+    with pytest.raises((UnicodeEncodeError, TypeError, RuntimeError)):
+        enc.encode_many(good + ["narwhal \ud800 quokka"])
+    for text, got in zip(good, enc.encode_many(good)):
+        assert np.frombuffer(got, np.uint16).tolist() == sp.encode(text), text
+    assert not enc.cache.pending_words and not any(isinstance(v, bytearray) for v in enc.cache.values())
+
+
 def test_separators_differ_from_python_whitespace(models):
     info = describe(models["default"])
     seps = word_separators(info.path, info.sha256, info.spec.normalization)
