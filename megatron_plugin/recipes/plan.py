@@ -22,7 +22,7 @@ SEED_CLAIMS = {"hours": 8.2, "initial_loss": "3.5-4.0", "checkpoint_storage_gb":
 
 # Preprocessing throughput per core, measured on the 2-core development machine (docs/benchmarks.md,
 # "Throughput for planning"): used to estimate the time to prepare the corpus.
-PREPROCESS_TOKENS_PER_CORE_S = 1.7e6
+PREPROCESS_TOKENS_PER_CORE_S = 2.5e6
 
 # Bytes per parameter: bf16 weights; plus fp32 master weights and two fp32 Adam moments.
 WEIGHT_BYTES = 2
