@@ -207,9 +207,11 @@ class WordCacheEncoder:
         lookup = cache.__getitem__
         word_lists = [self.words(t) for t in texts]
         found = [list(map(lookup, words)) for words in word_lists]
-        self.lookups += sum(map(len, word_lists))
         if cache.pending_words:
             self._encode_pending()
+        # Counted once the batch is encoded: a batch that fails is looked up again one document
+        # at a time, and the manifest's hit rate must not count it twice.
+        self.lookups += sum(map(len, word_lists))
         return list(map(b"".join, found))
 
     def _encode_pending(self) -> None:
@@ -253,7 +255,3 @@ class PlainEncoder:
     def encode_many(self, texts: Sequence[str]) -> list[bytes]:
         dtype = self.dtype
         return [np.array(ids, dtype=dtype).tobytes() for ids in self.sp.encode(list(texts), num_threads=1)]
-
-
-def plain_ids(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
-    return sp.encode(text)

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from megatron_plugin.data.indexed import check_dataset, idx_path, bin_path
 
+from .tokenizer import file_sha256
+
 FORMAT = "megatron_plugin.preprocess.manifest/1"
 
 
@@ -75,11 +77,7 @@ def is_complete(prefix: str, expected_fingerprint: Optional[str]) -> tuple[bool,
         check_dataset(prefix)
     except (OSError, ValueError) as exc:
         return False, f"dataset check failed: {exc}"
-    h = hashlib.sha256()
-    with open(idx_path(prefix), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != out.get("idx_sha256"):
+    if file_sha256(idx_path(prefix)) != out.get("idx_sha256"):
         return False, ".idx checksum differs from the manifest"
     return True, "complete and verified"
 

@@ -26,7 +26,6 @@ class ModelSpec:
     escape_whitespaces: bool
     split_by_whitespace: bool
     treat_whitespace_as_suffix: bool
-    has_user_defined: bool
     user_defined: tuple[str, ...] = ()
     has_rule_tsv: bool = False
 
@@ -76,7 +75,6 @@ def read_spec(model_path: str) -> Optional[ModelSpec]:
         escape_whitespaces=ns.escape_whitespaces,
         split_by_whitespace=ts.split_by_whitespace,
         treat_whitespace_as_suffix=ts.treat_whitespace_as_suffix,
-        has_user_defined=bool(user),
         user_defined=user,
         has_rule_tsv=bool(ns.normalization_rule_tsv),
     )
