@@ -23,6 +23,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def megatron_runtime():
+    """Megatron's parallel state for one process (a gloo group of one), for tests that build models
+    or datasets in the test process itself."""
+    from megatron_plugin.config import ParallelConfig
+    from megatron_plugin.runtime.distributed import init_distributed, shutdown
+
+    runtime = init_distributed(ParallelConfig())
+    yield runtime
+    shutdown()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,12 +14,12 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_FILE = "reference_logits.pt"
@@ -86,12 +86,6 @@ def reference_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Te
     return torch.randint(3, vocab_size, (batch, seq), generator=gen)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, dp: int = 1,
                     iteration: int = 3, dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
     """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp, DP=dp into run_dir/checkpoints
@@ -113,7 +107,7 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
     spec_path = run_dir / "fixture_spec.json"
     spec_path.write_text(json.dumps(spec))
     world = tp * pp * dp
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = dict(os.environ)
@@ -152,7 +146,7 @@ def _worker(spec_path: str) -> None:
     a few steps at a high LR so that every weight, norms included, moves off its init, then a
     resumable checkpoint in the trainer's layout (model + optimizer + iteration)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+    from megatron.core import dist_checkpointing, tensor_parallel
 
     from megatron_plugin.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig,
                                         TrainConfig)

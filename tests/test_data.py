@@ -21,18 +21,7 @@ def test_parse_blend():
 
 
 @pytest.fixture(scope="module")
-def process_group():
-    """Megatron's BlendedDataset asks torch.distributed for its rank: a group of one."""
-    from megatron_plugin.config import ParallelConfig
-    from megatron_plugin.runtime.distributed import init_distributed, shutdown
-
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    shutdown()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, process_group):
+def corpus(tmp_path_factory, megatron_runtime):  # BlendedDataset asks torch.distributed for its rank
     root = tmp_path_factory.mktemp("corpus")
     prefix, tokenizer = prepare_generated_corpus(str(root / "a"), vocab_size=400, num_documents=400)
     # A second dataset of different documents: the same tokens, each document reversed.

@@ -49,7 +49,6 @@ def test_dtype_rule_and_megatron_reader(tmp_path, vocab, dtype):
 
 
 def test_same_bytes_as_megatron_builder(tmp_path):
-    import torch  # noqa: F401  (Megatron-Core's builder takes arrays)
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(0)

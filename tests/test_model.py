@@ -12,15 +12,6 @@ from megatron_plugin.model import flops_per_token, parameter_count
 from megatron_plugin.recipes.presets import llama_1b2, tiny_model
 
 
-@pytest.fixture(scope="module")
-def megatron_runtime():
-    from megatron_plugin.runtime.distributed import init_distributed, shutdown
-
-    runtime = init_distributed(ParallelConfig(), seed=1234)
-    yield runtime
-    shutdown()
-
-
 def test_1b2_parameter_count_matches_transformers_llama():
     """An independent count: transformers' own Llama of the same shape, built on the meta device."""
     from transformers import LlamaConfig, LlamaForCausalLM

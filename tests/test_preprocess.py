@@ -18,7 +18,7 @@ import pytest
 import sentencepiece as spm
 
 from megatron_plugin.data import indexed as ix
-from megatron_plugin.preprocess import PreprocessError, preprocess_files, train_tokenizer
+from megatron_plugin.preprocess import PreprocessError, dataset_prefix, preprocess_files, train_tokenizer
 from megatron_plugin.preprocess.encoder import WordCacheEncoder, per_word_exact, word_separators
 from megatron_plugin.preprocess.tokenizer import describe
 from megatron_plugin.preprocess.worker import ENCODE_ERRORS
@@ -426,11 +426,16 @@ def test_resume_after_killed_run(tmp_path, models, corpus):
             "--append-eod", "--workers", 1, "--encoder", "plain", "--no-progress", "--num-shards", 4]
     proc = subprocess.Popen([sys.executable, "-m", "megatron_plugin.preprocess", *map(str, args)],
                             env=_env(), stderr=subprocess.PIPE, text=True)
-    time.sleep(4)
-    proc.send_signal(signal.SIGKILL)
+    first_shard = Path(dataset_prefix(str(tmp_path / "k"), "text", 4, 0) + ".json")
+    deadline = time.time() + 120
+    while not first_shard.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # killed once the first shard is complete, mid-way through the rest
     proc.wait()
+    assert first_shard.exists()
     assert not Path(str(tmp_path / "k_text_document") + ".bin").exists() or proc.returncode == 0
-    _cli(*args)
+    rerun = _cli(*args)
+    assert "shard 0/4: already complete and verified, skipping" in rerun.stderr
     ref = preprocess_files([big], tmp_path / "ref", models["default"], workers=2)
     assert Path(str(tmp_path / "k_text_document") + ".bin").read_bytes() == Path(ref.prefix + ".bin").read_bytes()
     assert Path(str(tmp_path / "k_text_document") + ".idx").read_bytes() == Path(ref.prefix + ".idx").read_bytes()

@@ -102,6 +102,7 @@ def test_fused_adamw_matches_default(megatron_runtime):
     holder.optimizer = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     reference = torch.optim.AdamW(twins, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     assert cpu_mode.use_fused_adam(holder) == 1
+    assert all(group["fused"] and not group["foreach"] for group in holder.optimizer.param_groups)
     for _ in range(3):
         grads = [torch.randn(7, 5) for _ in params]
         for p, t, g in zip(params, twins, grads):
@@ -112,24 +113,19 @@ def test_fused_adamw_matches_default(megatron_runtime):
         torch.testing.assert_close(p, t, rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def megatron_runtime():
-    from megatron_plugin.config import ParallelConfig
-    from megatron_plugin.runtime.distributed import init_distributed, shutdown
-
-    init_distributed(ParallelConfig(), seed=1)
-    yield
-    shutdown()
+def _run_benchmark(*options: str, nproc: int = 1) -> dict:
+    """benchmarks/train_throughput.py for 2 steps of a one-layer model; its --json record."""
+    result = run_python([
+        "benchmarks/train_throughput.py", "--model", "small", "--seq", "32", "--micro-batch", "1",
+        "--steps", "2", "--warmup", "1", "--json", *options,
+        "model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=256",
+    ], nproc=nproc, timeout=300)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_benchmark_runs_tiny_with_transformers_beside():
-    result = run_python([
-        "benchmarks/train_throughput.py", "--model", "small", "--seq", "32", "--micro-batch", "1",
-        "--steps", "2", "--warmup", "1", "--threads", "2", "--compare-hf", "--json",
-        "model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4",
-        "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=256",
-    ], timeout=300)
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record = _run_benchmark("--threads", "2", "--compare-hf")
     for key in ("step_time_s", "tokens_per_s", "tflops_per_device", "mfu", "peak_flops", "device", "params"):
         assert key in record
     assert record["params"] == record["hf"]["params"]
@@ -139,13 +135,7 @@ def test_benchmark_runs_tiny_with_transformers_beside():
 
 
 def test_benchmark_runs_tensor_parallel_two_processes():
-    result = run_python([
-        "benchmarks/train_throughput.py", "--model", "small", "--seq", "32", "--micro-batch", "1",
-        "--steps", "2", "--warmup", "1", "--threads", "1", "--json", "parallel.tensor=2",
-        "model.num_layers=1", "model.hidden_size=64", "model.num_attention_heads=4",
-        "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=256",
-    ], nproc=2, timeout=300)
-    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record = _run_benchmark("--threads", "1", "parallel.tensor=2", nproc=2)
     assert record["tensor_parallel"] == 2 and record["world_size"] == 2
     assert record["step_time_s"] > 0
 
