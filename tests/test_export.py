@@ -200,6 +200,20 @@ def test_latest_naming_a_missing_checkpoint(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_iter_folder_names_are_one_rule_for_export_and_training(tmp_path):
+    # import_hf accepts an output named iter_N of any width; training must then resume from it.
+    from megatron_plugin.export.checkpoint import resolve_checkpoint_dir
+    from megatron_plugin.training.checkpoint import list_checkpoints, read_latest, write_latest
+
+    root = tmp_path / "checkpoints"
+    (root / "iter_50").mkdir(parents=True)
+    (root / "iter_0000100").mkdir()
+    write_latest(str(root), "iter_50")
+    assert read_latest(str(root)) == str(root / "iter_50")
+    assert resolve_checkpoint_dir(root) == root / "iter_50"
+    assert [step for step, _ in list_checkpoints(str(root))] == [50, 100]
+
+
 def test_cli_reports_errors_without_traceback(tmp_path):
     from megatron_plugin.export.__main__ import main
 

@@ -16,10 +16,11 @@ import warnings
 from typing import List, Optional
 
 from megatron_plugin.export.checkpoint import CheckpointError
-from megatron_plugin.export.hf_config import DTYPE_ARGS, UnsupportedModelError
+from megatron_plugin.export.hf_config import UnsupportedModelError
 from megatron_plugin.export.output_dir import OutputExistsError
 from megatron_plugin.export.to_hf import DEFAULT_MAX_SHARD_SIZE
 from megatron_plugin.export.verify import DEFAULT_TOLERANCE
+from megatron_plugin.model.build import DTYPES
 
 logger = logging.getLogger("megatron_plugin.export")
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Llama folder to import")
     parser.add_argument("--output", required=True,
                         help="export: the new HF folder; import: RUN/checkpoints or RUN/checkpoints/iter_N")
-    parser.add_argument("--dtype", choices=sorted(DTYPE_ARGS),
+    parser.add_argument("--dtype", choices=sorted(DTYPES),
                         help="weights dtype (export default bf16; import default: the folder's)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file, e.g. 2GB, 500MB (default %(default)s)")

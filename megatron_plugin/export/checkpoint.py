@@ -14,15 +14,15 @@ import contextlib
 import json
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
 from megatron_plugin.config import ModelConfig, model_config_from_dict
 from megatron_plugin.export import mapping
+from megatron_plugin.training.checkpoint import ITER_DIR, CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +31,17 @@ RUN_CONFIG_FILE = "run_config.json"
 TOKENIZER_FILE = "tokenizer.model"
 # Written by dist_checkpointing.save: its own metadata, and the torch.distributed.checkpoint index.
 REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")
-ITER_DIR = re.compile(r"^iter_\d+$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read; the message names the file or key and what to do."""
+@contextlib.contextmanager
+def dcp_errors(what: str, advice: str = "") -> Iterator[None]:
+    """Turn a failure inside dist_checkpointing into a CheckpointError: `what (Type: error)advice`."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # DCP's CheckpointException derives from BaseException
+        raise CheckpointError(f"{what} ({type(err).__name__}: {err}){advice}") from err
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -153,17 +159,10 @@ class MegatronCheckpoint:
 
         self.dir = resolve_checkpoint_dir(path)
         check_complete(self.dir)
-        self.run_config = read_run_config(self.dir)
-        self.model_config = model_config_from_run_config(self.run_config, self.dir / RUN_CONFIG_FILE)
-        try:
+        self.model_config = model_config_from_run_config(read_run_config(self.dir), self.dir / RUN_CONFIG_FILE)
+        with dcp_errors(f"cannot read the tensor index of {self.dir}",
+                        "; the checkpoint is damaged, use an earlier iter_N directory"):
             stored = dict(dist_checkpointing.load_tensors_metadata(str(self.dir)))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as err:  # DCP's CheckpointException derives from BaseException
-            raise CheckpointError(
-                f"cannot read the tensor index of {self.dir} ({type(err).__name__}: {err}); the "
-                "checkpoint is damaged, use an earlier iter_N directory"
-            ) from err
         self.key_prefix = _model_key_prefix(stored, self.dir)
         # Model tensors by their GPTModel key (prefix removed); optimizer state etc. are skipped.
         self.metadata = {
@@ -217,7 +216,8 @@ class MegatronCheckpoint:
     def _load(self, key: str, sharded) -> torch.Tensor:
         from megatron.core import dist_checkpointing
 
-        try:
+        with dcp_errors(f"cannot read {key!r} from {self.dir}",
+                        "; a data file is missing or damaged, use an earlier iter_N directory"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # DCP's deprecation notes, once per tensor
                 # Access-integrity validation would demand that the whole tensor be requested;
@@ -225,13 +225,6 @@ class MegatronCheckpoint:
                 loaded = dist_checkpointing.load(
                     {"t": sharded}, str(self.dir), validate_access_integrity=False
                 )
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as err:  # DCP's CheckpointException derives from BaseException
-            raise CheckpointError(
-                f"cannot read {key!r} from {self.dir} ({type(err).__name__}: {err}); a data file "
-                "is missing or damaged, use an earlier iter_N directory"
-            ) from err
         return loaded["t"]
 
     def load(self, key: str) -> torch.Tensor:

@@ -21,18 +21,19 @@ import torch
 
 from megatron_plugin.config import ParallelConfig, PrecisionConfig, RunConfig, RunInfo, validate_model
 from megatron_plugin.export import mapping
-from megatron_plugin.export.checkpoint import LATEST_FILE, RUN_CONFIG_FILE, TOKENIZER_FILE
+from megatron_plugin.export.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE
 from megatron_plugin.export.hf_config import UnsupportedModelError, from_hf_config
 from megatron_plugin.export.output_dir import check_output_free, staged_output
 from megatron_plugin.export.safetensors_writer import list_safetensors
 from megatron_plugin.export.to_hf import model_shapes
+from megatron_plugin.model.build import DTYPES
+from megatron_plugin.training.checkpoint import ITER_DIR, iter_dir_name, write_latest
 
 logger = logging.getLogger(__name__)
 
-ITER_DIR = re.compile(r"^iter_\d+$")
 # Buffers some older exports saved along with the weights; they are recomputed, never loaded.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_DTYPE_ARG = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_ARG = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class HFWeights:
@@ -115,7 +116,7 @@ def _resolve_target(output: Path) -> tuple[Path, Path]:
     """(checkpoints folder, iter dir): `output` is either of them."""
     if ITER_DIR.match(output.name):
         return output.parent, output
-    return output, output / "iter_0000000"
+    return output, output / iter_dir_name(0)
 
 
 def import_hf(
@@ -184,8 +185,6 @@ def import_hf(
         (staging / RUN_CONFIG_FILE).write_text(json.dumps(run.to_dict(), indent=2) + "\n")
         if sp_model is not None:
             shutil.copyfile(sp_model, staging / TOKENIZER_FILE)
-    latest_tmp = checkpoints / f".{LATEST_FILE}.tmp-{os.getpid()}"
-    latest_tmp.write_text(iter_dir.name + "\n")
-    os.replace(latest_tmp, checkpoints / LATEST_FILE)
+    write_latest(str(checkpoints), iter_dir.name)
     logger.info("wrote %s (%s, vocab padded to %d for TP=%d)", iter_dir, dtype, padded, tensor_parallel)
     return iter_dir

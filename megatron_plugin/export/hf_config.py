@@ -9,7 +9,6 @@ import torch
 from megatron_plugin.config import ModelConfig
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-DTYPE_ARGS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class UnsupportedModelError(ValueError):
@@ -129,11 +128,3 @@ def from_hf_config(config: Dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         init_std=float(config.get("initializer_range", 0.02)),
     )
-
-
-def hf_dtype(config: Dict[str, Any]) -> Optional[torch.dtype]:
-    name = config.get("dtype") or config.get("torch_dtype")
-    for dtype, dtype_name in TORCH_DTYPE_NAMES.items():
-        if name == dtype_name:
-            return dtype
-    return None

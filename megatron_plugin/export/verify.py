@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from megatron_plugin.export.checkpoint import CheckpointError, MegatronCheckpoint
+from megatron_plugin.export.checkpoint import MegatronCheckpoint, dcp_errors
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +35,9 @@ def load_megatron_model(ckpt: MegatronCheckpoint):
     from megatron_plugin.export.session import build_single_process_model
 
     model = build_single_process_model(ckpt.model_config, ckpt.padded_vocab_size, dtype="fp32")
-    try:
+    with dcp_errors(f"cannot load the model from {ckpt.dir}"):
         sharded = model.sharded_state_dict(prefix=ckpt.key_prefix)
         state = dist_checkpointing.load({"model": sharded}, str(ckpt.dir))
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as err:  # DCP's CheckpointException derives from BaseException
-        raise CheckpointError(f"cannot load the model from {ckpt.dir}: {type(err).__name__}: {err}") from err
     prefix = len(ckpt.key_prefix)
     model.load_state_dict({key[prefix:]: value for key, value in state["model"].items()})
     return model.eval()

@@ -36,19 +36,19 @@ from megatron_plugin.training.optimizer import TrainState
 
 logger = logging.getLogger(__name__)
 
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+# A checkpoint folder: iter_ and the step (written with 7 digits, read with any number of them).
+ITER_DIR = re.compile(r"^iter_(\d+)$")
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be written or read; the message names the file or key and what to do."""
 
 
 @dataclass
 class Resumed:
     step: int
     consumed_samples: int
-    path: str
     layout_changed: bool
     weights_only: bool = False
 
@@ -78,7 +78,7 @@ def read_latest(root: str) -> Optional[str]:
     with open(pointer, encoding="utf-8") as f:
         name = f.read().strip()
     path = os.path.join(root, name)
-    if not _ITER_RE.match(name) or not os.path.isdir(path):
+    if not ITER_DIR.match(name) or not os.path.isdir(path):
         raise CheckpointError(
             f"{pointer} names {name!r}, which is not a checkpoint folder in {root}; point it at an "
             "existing iter_NNNNNNN folder or remove it to start fresh"
@@ -86,7 +86,8 @@ def read_latest(root: str) -> Optional[str]:
     return path
 
 
-def _write_latest(root: str, name: str) -> None:
+def write_latest(root: str, name: str) -> None:
+    """Point `root/latest` at `name`, atomically and durably."""
     tmp = os.path.join(root, "latest.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(name + "\n")
@@ -248,7 +249,7 @@ class Checkpointer:
             return
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        _write_latest(self.root, os.path.basename(final))
+        write_latest(self.root, os.path.basename(final))
         prune(self.root, self.cfg.checkpoint.keep, self.cfg.checkpoint.weights_only_snapshots)
 
 
@@ -262,7 +263,7 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(root):
-        match = _ITER_RE.match(name)
+        match = ITER_DIR.match(name)
         if match:
             found.append((int(match.group(1)), os.path.join(root, name)))
     return sorted(found)
@@ -348,7 +349,7 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
         if _is_rank0():
             logger.info("%s has weights only: training starts at step 0 from these weights with a "
                         "new optimizer and LR schedule", path)
-        return Resumed(0, 0, path, layout_changed, weights_only=True)
+        return Resumed(0, 0, layout_changed, weights_only=True)
     model_sd = gpt.sharded_state_dict()
     optimizer_sd = {
         "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA),
@@ -361,4 +362,4 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
     state.scheduler.load_state_dict(loaded["scheduler"])  # common (non-sharded) state
     if not layout_changed:
         _set_rng_state(loaded["rng"])
-    return Resumed(saved["step"], saved["consumed_samples"], path, layout_changed)
+    return Resumed(saved["step"], saved["consumed_samples"], layout_changed)
