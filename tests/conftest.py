@@ -4,12 +4,13 @@ with gloo, where parallelism matters), and skipping GPU tests without CUDA."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+
+from megatron_plugin.runtime.distributed import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,12 +34,6 @@ def megatron_runtime():
     runtime = init_distributed(ParallelConfig())
     yield runtime
     shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def child_env(threads: int = 2) -> dict:

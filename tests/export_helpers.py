@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import free_port
+
+from megatron_plugin.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE_FILE = "reference_logits.pt"

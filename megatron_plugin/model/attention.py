@@ -60,15 +60,15 @@ class SDPAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         dropout_p = self.dropout_p if self.training else 0.0
-        # With causal attention a padding mask is not used (GPTDataset gives none); an explicit
-        # mask, if one is passed, is honoured instead of is_causal.
+        # Causal attention uses SDPA's is_causal and ignores attention_mask (GPTDataset gives no
+        # padding mask); a mask is applied only to non-causal attention.
         mask = None
         if attention_mask is not None and not self.causal:
             mask = ~attention_mask
         kwargs = dict(
             attn_mask=mask,
             dropout_p=dropout_p,
-            is_causal=self.causal and mask is None,
+            is_causal=self.causal,
             scale=self.softmax_scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )

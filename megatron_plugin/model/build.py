@@ -12,7 +12,8 @@ from megatron_plugin.config import FusionConfig, ModelConfig, ParallelConfig, Pr
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision.dtype and export --dtype names -> torch dtypes
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def transformer_engine_available() -> bool:
@@ -96,17 +97,18 @@ def transformer_config_kwargs(
     )
 
 
-def transformer_config(model: ModelConfig, parallel=None, precision=None, train=None, fusion=None):
+def transformer_config(model: ModelConfig, parallel=None, precision=None, train=None, fusion=None,
+                       use_te: Optional[bool] = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(model, parallel, precision, train, fusion))
+    return TransformerConfig(**transformer_config_kwargs(model, parallel, precision, train, fusion, use_te))
 
 
-def layer_spec(model: ModelConfig):
+def layer_spec(use_te: bool):
     """TE's layer spec on CUDA with Transformer Engine; the local spec with SDPA otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if uses_transformer_engine(model):
+    if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     from megatron_plugin.model import fused_ops
     from megatron_plugin.model.attention import SDPAttention
@@ -132,14 +134,15 @@ def build_gpt_model(
     from megatron.core.models.gpt import GPTModel
 
     parallel = parallel or ParallelConfig()
-    config = transformer_config(model, parallel, precision, train, fusion)
+    use_te = uses_transformer_engine(model)  # one decision for the config's fusions and the layer spec
+    config = transformer_config(model, parallel, precision, train, fusion, use_te)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model),
+        transformer_layer_spec=layer_spec(use_te),
         vocab_size=model.padded_vocab_size(parallel.tensor),
         max_sequence_length=model.max_seq_length,
         pre_process=pre_process,

@@ -236,10 +236,6 @@ def enable() -> bool:
     return True
 
 
-def is_enabled() -> bool:
-    return _enabled
-
-
 @contextlib.contextmanager
 def suspended():
     """Run a block without the CUDA->CPU TorchFunctionMode (e.g. a plain PyTorch model timed beside

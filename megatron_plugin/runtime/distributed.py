@@ -22,23 +22,17 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Runtime:
     rank: int
-    local_rank: int
     world_size: int
     device: torch.device
-    tensor_parallel: int
-    pipeline_parallel: int
     data_parallel: int
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def on_cuda(self) -> bool:
-        return self.device.type == "cuda"
 
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,7 +41,7 @@ def _free_port() -> int:
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> Runtime:
     """Start torch.distributed (from torchrun's environment, or as one process) and Megatron-Core's
     parallel state. CPU mode is switched on when CUDA is absent (gloo backend)."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     on_cuda = torch.cuda.is_available()
     if not on_cuda:
@@ -64,7 +58,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     if not dist.is_initialized():
         # Under torchrun the env:// rendezvous; a plain `python -m ...` is a group of one on a free
         # local port (not written to os.environ, so processes it starts do not inherit it).
-        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+        init_method = "env://" if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
             backend="nccl" if on_cuda else "gloo",
             init_method=init_method,
@@ -82,15 +76,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
-    return Runtime(
-        rank=rank,
-        local_rank=local_rank,
-        world_size=world_size,
-        device=device,
-        tensor_parallel=parallel.tensor,
-        pipeline_parallel=parallel.pipeline,
-        data_parallel=data_parallel,
-    )
+    return Runtime(rank=rank, world_size=world_size, device=device, data_parallel=data_parallel)
 
 
 def seed_everything(seed: int) -> None:

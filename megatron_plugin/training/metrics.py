@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
 from typing import Optional
-
-logger = logging.getLogger("megatron_plugin.train")
 
 
 def format_duration(seconds: float) -> str:

@@ -40,7 +40,7 @@ def _forward_step(device: torch.device, data_iterator: Iterator[dict], model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _reduce_loss(losses: list) -> float:
+def _reduce_loss(losses: list, device: torch.device) -> float:
     """Token-weighted mean over micro-batches and data-parallel ranks (on the last PP stage)."""
     from megatron.core import parallel_state
 
@@ -48,23 +48,19 @@ def _reduce_loss(losses: list) -> float:
     for item in losses:
         totals += item["lm loss"].detach().to("cpu", torch.float64)
     if parallel_state.get_data_parallel_world_size() > 1:
-        totals_dev = totals.to(_collective_device())
+        totals_dev = totals.to(device)
         dist.all_reduce(totals_dev, group=parallel_state.get_data_parallel_group())
         totals = totals_dev.cpu()
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _broadcast_from_last_stage(value: float) -> float:
+def _broadcast_from_last_stage(value: float, device: torch.device) -> float:
     """So every rank (and rank 0's logger) sees the loss computed on the last pipeline stage."""
     from megatron.core import parallel_state
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(tensor, src=last, group=parallel_state.get_pipeline_model_parallel_group())
     return float(tensor.item())
@@ -84,8 +80,8 @@ def _run_schedule(state: TrainState, data_iterator, num_microbatches: int, seq_l
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    loss = _reduce_loss(losses) if parallel_state.is_pipeline_last_stage() else 0.0
-    return _broadcast_from_last_stage(loss)
+    loss = _reduce_loss(losses, device) if parallel_state.is_pipeline_last_stage() else 0.0
+    return _broadcast_from_last_stage(loss, device)
 
 
 def train_step(state: TrainState, data_iterator, num_microbatches: int, seq_length: int,
