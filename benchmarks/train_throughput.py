@@ -22,7 +22,6 @@ GPU it is the device's dense bf16 / fp8 peak.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("megatron").setLevel(logging.ERROR)
 
-    from megatron_plugin.config import ConfigError
+    from megatron_plugin.config import ConfigError, data_parallel_size
     from megatron_plugin.model import flops_per_token, parameter_count
     from megatron_plugin.model.build import DTYPES
     from megatron_plugin.recipes.validate import validate
@@ -217,20 +216,20 @@ def main(argv=None) -> int:
     if args.compare_hf and (world > 1 or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1):
         print("error: --compare-hf runs one process at TP=PP=1", file=sys.stderr)
         return 2
+    # Checked before torch.distributed starts, so that a bad layout is a message, not a traceback.
+    try:
+        dp = data_parallel_size(cfg.parallel, world)
+        if cfg.train.global_batch_size <= 0:
+            cfg.train.global_batch_size = cfg.train.micro_batch_size * dp
+        validate(cfg, world_size=world, check_data=False)
+    except ConfigError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     runtime = init_distributed(cfg.parallel, cfg.train.seed)
     from megatron.core import parallel_state
 
-    dp = runtime.data_parallel
-    if cfg.train.global_batch_size <= 0:
-        cfg.train.global_batch_size = cfg.train.micro_batch_size * dp
     num_micro = cfg.train.grad_accumulation_steps(dp)
-    try:
-        validate(cfg, world_size=runtime.world_size, check_data=False)
-    except ConfigError as error:
-        if runtime.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        shutdown()
-        return 2
     seq, mbs = cfg.data.seq_length, cfg.train.micro_batch_size
     device = runtime.device
     threads = torch.get_num_threads()
@@ -264,9 +263,8 @@ def main(argv=None) -> int:
     ours_memory = _peak_memory_bytes(device)
     hf = None
     if args.compare_hf:
-        from megatron_plugin.runtime import cpu_mode
+        from megatron_plugin.runtime.cpu_mode import suspended
 
-        suspended = getattr(cpu_mode, "suspended", contextlib.nullcontext)
         with suspended():
             hf = HFLlama(cfg, DTYPES[cfg.precision.dtype], device, fused_adamw=args.hf_optimizer == "fused")
             hf_data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000)

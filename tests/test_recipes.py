@@ -14,7 +14,7 @@ import pytest
 from megatron_plugin.config import ConfigError
 from megatron_plugin.recipes.overrides import apply_overrides
 from megatron_plugin.recipes import plan as plan_mod
-from megatron_plugin.recipes.plan import make_plan
+from megatron_plugin.recipes.plan import format_plan, make_plan
 from megatron_plugin.recipes.presets import PRESETS, get_preset
 from megatron_plugin.recipes.run import main as run_main
 from megatron_plugin.recipes.validate import validate
@@ -60,6 +60,15 @@ def test_production_plan_is_the_true_one():
     assert plan["initial_loss"] == pytest.approx(math.log(32000))
     assert 16 < plan["checkpoint_resumable_gb"] < 18 and 2.3 < plan["checkpoint_weights_gb"] < 2.5
     assert plan["preprocess_hours"] == pytest.approx(51e9 / (plan_mod.PREPROCESS_TOKENS_PER_CORE_S * 64) / 3600)
+
+
+@pytest.mark.parametrize("layout,dp", [([], 8), (["parallel.tensor=2"], 4), (["parallel.context=2", "parallel.tensor=2"], 2)])
+def test_plan_batch_line_uses_the_data_parallel_size(layout, dp):
+    cfg, _ = apply_overrides(get_preset("production_8gpu"), layout)
+    plan = make_plan(cfg)
+    assert plan["data_parallel"] == dp
+    assert plan["micro_batch"] * plan["grad_accumulation"] * dp == plan["global_batch"] == 256
+    assert f"x DP {dp} (TP={cfg.parallel.tensor}, PP=1, CP={cfg.parallel.context})" in format_plan(plan)
 
 
 def test_plan_counts_tokens_of_a_real_dataset(tmp_path):

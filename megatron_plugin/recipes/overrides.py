@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megatron_plugin.config import ConfigError, RunConfig
+from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size
 
 # Hugging Face Trainer names used in the seed document -> our keys.
 HF_ALIASES = {
@@ -77,7 +77,6 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> tuple[RunConfig, li
     if accumulation is not None:
         if not isinstance(accumulation, int) or accumulation < 1:
             raise ConfigError(f"gradient_accumulation_steps={accumulation!r}: give a positive integer")
-        model_parallel = result.parallel.tensor * result.parallel.pipeline * result.parallel.context
-        dp = max(result.parallel.gpus // model_parallel, 1)
+        dp = data_parallel_size(result.parallel, result.parallel.gpus)
         result.train.global_batch_size = result.train.micro_batch_size * accumulation * dp
     return result, applied

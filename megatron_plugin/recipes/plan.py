@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_plugin.config import RunConfig
+from megatron_plugin.config import RunConfig, data_parallel_size
 from megatron_plugin.data.gpt_dataset import parse_blend
 from megatron_plugin.data.indexed import read_index
 from megatron_plugin.model import flops_per_token, parameter_count
@@ -65,6 +65,7 @@ def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100", preprocess_c
     if gpu not in GPU_PEAKS:
         raise ValueError(f"--gpu {gpu}: choose one of {', '.join(GPU_PEAKS)}")
     gpus = cfg.parallel.gpus
+    dp = data_parallel_size(cfg.parallel, gpus)
     seq = cfg.data.seq_length
     steps = cfg.train.max_steps
     params = parameter_count(cfg.model)
@@ -90,7 +91,9 @@ def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100", preprocess_c
         "parameters": params,
         "global_batch": cfg.train.global_batch_size,
         "micro_batch": cfg.train.micro_batch_size,
-        "grad_accumulation": cfg.train.grad_accumulation_steps(max(gpus // (cfg.parallel.tensor * cfg.parallel.pipeline), 1)),
+        "grad_accumulation": cfg.train.grad_accumulation_steps(dp),
+        "data_parallel": dp,
+        "layout": f"TP={cfg.parallel.tensor}, PP={cfg.parallel.pipeline}, CP={cfg.parallel.context}",
         "seq_length": seq,
         "tokens_per_step": tokens_per_step,
         "max_steps": steps,
@@ -132,7 +135,7 @@ def format_plan(plan: dict) -> str:
         f"Plan for {plan['preset']} on {plan['gpus']} x {plan['gpu'].upper()}",
         f"  parameters          {plan['parameters']:,} ({plan['parameters'] / 1e9:.3f}B)",
         f"  global batch        {plan['global_batch']} sequences = micro {plan['micro_batch']} x accum "
-        f"{plan['grad_accumulation']} x DP {plan['gpus']} (TP=PP=1)",
+        f"{plan['grad_accumulation']} x DP {plan['data_parallel']} ({plan['layout']})",
         f"  tokens / step       {plan['tokens_per_step']:,}",
         f"  steps               {plan['max_steps']:,}",
         f"  total tokens        {plan['total_tokens']:,} ({plan['total_tokens'] / 1e9:.2f}B)",

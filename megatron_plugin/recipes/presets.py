@@ -19,6 +19,7 @@ from typing import Callable
 
 from megatron_plugin.config import (
     CheckpointConfig,
+    ConfigError,
     DataConfig,
     EvalConfig,
     LogConfig,
@@ -41,7 +42,7 @@ def preset(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
 
 def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
 
 

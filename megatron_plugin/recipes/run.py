@@ -18,6 +18,7 @@ from megatron_plugin.recipes.overrides import apply_overrides
 from megatron_plugin.recipes.plan import format_plan, make_plan
 from megatron_plugin.recipes.presets import PRESETS, get_preset
 from megatron_plugin.recipes.validate import validate
+from megatron_plugin.runtime.peak import GPU_PEAKS
 
 logger = logging.getLogger("megatron_plugin.run")
 
@@ -34,18 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the cost of the run without training")
     parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
     parser.add_argument("--mfu", type=float, default=0.40, help="with --plan: assumed MFU (default 0.40)")
-    parser.add_argument("--gpu", default="h100", choices=["h100", "h200", "a100"], help="with --plan: GPU type")
+    parser.add_argument("--gpu", default="h100", choices=sorted(GPU_PEAKS), help="with --plan: GPU type")
     parser.add_argument("--preprocess-cores", type=int, default=64,
                         help="with --plan: CPU cores for the preprocessing estimate (default 64)")
     return parser
 
 
 def resolve(preset: str, overrides: list[str]) -> tuple[RunConfig, list]:
-    try:
-        cfg = get_preset(preset)
-    except KeyError as error:
-        raise ConfigError(error.args[0]) from None
-    return apply_overrides(cfg, overrides)
+    return apply_overrides(get_preset(preset), overrides)
 
 
 def _world_size() -> int:
