@@ -88,7 +88,10 @@ def main() -> None:
     peak_kib = int(result.stdout.split("PEAK_RSS_KIB")[1].split()[0])  # Linux: KiB
     command = [sys.executable, "-m", "megatron_plugin.export", *cli_args]
     weights = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    bf16_weights = 2.43e9
+    from megatron_plugin.config import ModelConfig
+    from megatron_plugin.model import parameter_count
+
+    bf16_weights = 2 * parameter_count(ModelConfig())  # the model's bf16 weights, in bytes
     print(json.dumps({
         "command": " ".join(command),
         "wall_s": round(wall, 1),

@@ -102,7 +102,6 @@ class DataConfig:
     cache_dir: Optional[str] = None
     # The smoke recipe generates its own corpus and tokenizer into RUN/data when this is set.
     generate_corpus: bool = False
-    num_workers: int = 0
 
 
 @dataclass
