@@ -5,6 +5,14 @@ causal mask and a softmax copy. `scaled_dot_product_attention` with `is_causal=T
 maths with flash / memory-efficient kernels on GPU and a fused kernel on CPU, and handles GQA
 without repeating K/V (`enable_gqa`). Same interface and layouts as `DotProductAttention`:
 q [sq, b, np, hn], k/v [sk, b, ng, hn] -> context [sq, b, np * hn].
+
+With a KV cache the query can be shorter than the keys (sq < sk): the queries are the newest sq
+positions. PyTorch's `is_causal` mask is aligned to the top-left corner, which would let a
+one-token decode query see only the first key, so causal attention uses it only when sq == sk;
+a single query attends to every key (no mask), and a chunk of queries gets the bottom-right
+aligned causal mask. Megatron-Core passes `attn_mask_type=no_mask` on every step after the first
+with its static inference context; for a causal layer that is only right when sq == 1, so the
+layer's causal type, with the alignment above, decides.
 """
 
 from __future__ import annotations
@@ -18,6 +26,11 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def _bottom_right_causal_mask(sq: int, sk: int, device: torch.device) -> torch.Tensor:
+    """True where query i (at position sk - sq + i) may attend to key j (j <= sk - sq + i)."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
 
 
 class SDPAttention(MegatronModule):
@@ -60,15 +73,22 @@ class SDPAttention(MegatronModule):
         k = key.permute(1, 2, 0, 3)
         v = value.permute(1, 2, 0, 3)
         dropout_p = self.dropout_p if self.training else 0.0
-        # Causal attention uses SDPA's is_causal and ignores attention_mask (GPTDataset gives no
-        # padding mask); a mask is applied only to non-causal attention.
+        # Causal attention ignores attention_mask (GPTDataset gives no padding mask); a mask is
+        # applied only to non-causal attention.
         mask = None
-        if attention_mask is not None and not self.causal:
+        is_causal = False
+        sk = k.shape[2]
+        if self.causal:
+            if sq == sk:
+                is_causal = True
+            elif sq > 1:
+                mask = _bottom_right_causal_mask(sq, sk, q.device)
+        elif attention_mask is not None:
             mask = ~attention_mask
         kwargs = dict(
             attn_mask=mask,
             dropout_p=dropout_p,
-            is_causal=self.causal,
+            is_causal=is_causal,
             scale=self.softmax_scale,
             enable_gqa=k.shape[1] != q.shape[1],
         )
