@@ -15,16 +15,14 @@ import time
 import warnings
 from typing import List, Optional
 
+from megatron_plugin.errors import UserError, report_user_error
 from megatron_plugin.export.checkpoint import CheckpointError
-from megatron_plugin.export.hf_config import UnsupportedModelError
-from megatron_plugin.export.output_dir import OutputExistsError
 from megatron_plugin.export.to_hf import DEFAULT_MAX_SHARD_SIZE
 from megatron_plugin.export.verify import DEFAULT_TOLERANCE
 from megatron_plugin.model.build import DTYPES
 
 logger = logging.getLogger("megatron_plugin.export")
 
-EXIT_ERROR = 1
 EXIT_VERIFY_FAILED = 3
 
 
@@ -109,9 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 dtype = read_run_config(iter_dir)["precision"]["dtype"]
                 return _verify(str(iter_dir), args.from_hf, dtype, args)
-    except (CheckpointError, UnsupportedModelError, OutputExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+    except (UserError, CheckpointError) as err:
+        return report_user_error(err)
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from megatron_plugin.config import ModelConfig, model_config_from_dict
+from megatron_plugin.errors import UserError
 from megatron_plugin.export import mapping
 from megatron_plugin.training.checkpoint import ITER_DIR, CheckpointError
 
@@ -121,7 +122,7 @@ def process_group() -> Iterator[None]:
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             # Every rank would have to take part in each read; export from its own process.
-            raise RuntimeError(
+            raise UserError(
                 "megatron_plugin.export reads checkpoints in a single process, but "
                 f"torch.distributed is running with {dist.get_world_size()} ranks; run the export "
                 "as its own command (python -m megatron_plugin.export)"

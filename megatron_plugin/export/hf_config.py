@@ -7,11 +7,12 @@ from typing import Any, Dict, Optional
 import torch
 
 from megatron_plugin.config import ModelConfig
+from megatron_plugin.errors import UserError
 
 TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """An HF model our ModelConfig cannot express; the message names the field."""
 
 

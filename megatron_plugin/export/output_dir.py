@@ -13,9 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from megatron_plugin.errors import UserError
 
-class OutputExistsError(FileExistsError):
-    pass
+
+class OutputExistsError(UserError, FileExistsError):
+    """The --output folder is taken; the message says to choose another or remove it."""
 
 
 def check_output_free(output: Path) -> None:

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_plugin.errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -40,10 +42,13 @@ def parse_size(text: str | int) -> int:
         return text
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     upper = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit):
-            return int(float(upper[: -len(unit)]) * units[unit])
-    return int(upper)
+    try:
+        for unit in sorted(units, key=len, reverse=True):
+            if upper.endswith(unit):
+                return int(float(upper[: -len(unit)]) * units[unit])
+        return int(upper)
+    except ValueError:
+        raise UserError(f"size {text!r}: write a byte count or a number with a unit, e.g. 5GB, 500MB, 2GiB") from None
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from megatron_plugin.export.hf_config import generation_config, to_hf_config
 from megatron_plugin.export.output_dir import staged_output
 from megatron_plugin.export.safetensors_writer import Entry, ShardedSafetensorsWriter, parse_size
 from megatron_plugin.export.tokenizer import special_ids, write_hf_tokenizer
+from megatron_plugin.errors import UserError
 from megatron_plugin.model.build import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def export_checkpoint(
     HF LlamaForCausalLM folder at `output`. dtype: bf16 | fp16 | fp32. `tokenizer` overrides the
     checkpoint's own tokenizer.model. Returns the output path; on error nothing is left there."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     out_dtype = DTYPES[dtype]
     output = Path(output)
     with process_group(), staged_output(output) as staging:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_plugin.errors import UserError
+
 TOKENIZER_MODEL = "tokenizer.model"
 UNIGRAM = 1  # sentencepiece TrainerSpec.ModelType
 
@@ -63,7 +65,7 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
     from transformers.convert_slow_tokenizer import SpmConverter
 
     if not hasattr(SpmConverter, "build_tokenizer_from_spm_proto"):
-        raise RuntimeError(
+        raise UserError(
             "this transformers version cannot build tokenizer.json from a SentencePiece model "
             "(SpmConverter.build_tokenizer_from_spm_proto); install transformers>=5"
         )

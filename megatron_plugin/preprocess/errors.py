@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_plugin.errors import UserError
+
 MALFORMED_JSON = "malformed_json"
 MISSING_KEY = "missing_key"
 NON_STRING = "non_string"
@@ -12,7 +14,7 @@ UNREADABLE_FILE = "unreadable_file"
 REASONS = (MALFORMED_JSON, MISSING_KEY, NON_STRING, INVALID_UTF8, EMPTY, UNREADABLE_FILE)
 
 
-class PreprocessError(Exception):
+class PreprocessError(UserError):
     """A user-facing error: the message names the file, line and key, and what to do."""
 
 
