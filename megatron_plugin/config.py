@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_plugin.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says which key to change and how."""
 
 
