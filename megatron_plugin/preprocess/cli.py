@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from megatron_plugin.errors import UserError, report_user_error
+
 from .errors import PreprocessError
 
 SUBCOMMANDS = ("encode", "train-tokenizer", "merge", "inspect")
@@ -93,9 +95,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(cmd).parse_args(argv)
     try:
         return _run(cmd, args)
-    except PreprocessError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:  # PreprocessError and every other user error of the package
+        return report_user_error(exc)
     except KeyboardInterrupt:
         print("interrupted: no dataset was written under its final name", file=sys.stderr)
         return 130
