@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from megatron_plugin.data import indexed as ix
 from megatron_plugin.preprocess import PreprocessError, dataset_prefix, preprocess_files, train_tokenizer
-from megatron_plugin.preprocess.encoder import WordCacheEncoder, per_word_exact, word_separators
+from megatron_plugin.preprocess.encoder import WordCacheEncoder, plan_encoding, word_separators
 from megatron_plugin.preprocess.tokenizer import describe
 from megatron_plugin.preprocess.worker import ENCODE_ERRORS
 
@@ -128,11 +128,13 @@ def _cli(*args, check=True, **kw):
 
 
 def test_per_word_path_decided_from_model_spec(models):
-    assert per_word_exact(describe(models["default"]).spec)[0]
-    for name in ("no_dummy_prefix", "keep_whitespace", "no_split"):
-        ok, why = per_word_exact(describe(models[name]).spec)
-        assert not ok, name
-        assert why
+    assert plan_encoding(describe(models["default"]).spec).mode == "words"
+    # Normalized by SentencePiece first, then cut into units (whitespace-kept shapes: see
+    # test_preprocess_layout.py); pieces that span spaces leave only whole-document encoding.
+    for name in ("no_dummy_prefix", "keep_whitespace"):
+        assert plan_encoding(describe(models[name]).spec).mode == "normalized", name
+    plan = plan_encoding(describe(models["no_split"]).spec)
+    assert plan.mode == "plain" and "split_by_whitespace=false" in plan.why
 
 
 CODE_LIKE_TEXTS = [
@@ -212,7 +214,7 @@ def test_output_equals_plain_encoding_for_every_model(tmp_path, models, corpus, 
     got = _read_docs(res.prefix)
     assert got == [_plain_doc(sp, d, sp.eos_id()) for d in docs]
     enc = res.manifests["text"]["encoder"]
-    assert enc["mode"] == ("per-word cache" if name == "default" else "plain")
+    assert enc["mode"] == {"default": "per-word cache", "no_split": "plain"}.get(name, "per-word cache, normalized first")
     assert enc["verified_documents"] >= 45
 
 

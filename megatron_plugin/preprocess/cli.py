@@ -31,6 +31,12 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_normalization_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--normalization", choices=("identity", "nmt_nfkc"), default="identity",
+                   help="of a trained tokenizer: identity (default; Llama 2 settings, newlines, indentation and "
+                        "repeated spaces kept) or nmt_nfkc (SentencePiece's default: NFKC, whitespace collapsed)")
+
+
 def build_parser(cmd: str) -> argparse.ArgumentParser:
     prog = "python -m megatron_plugin.preprocess"
     if cmd == "merge":
@@ -51,6 +57,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
         p.add_argument("--vocab-size", type=int, default=32000)
         p.add_argument("--tokenizer-sample", type=int, default=1_000_000, help="lines sampled (default 1M)")
+        _add_normalization_arg(p)
         return p
     p = argparse.ArgumentParser(
         prog=prog,
@@ -65,10 +72,11 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer",
                    help="accepted for Megatron-LM compatibility; only SentencePiece types are supported")
     p.add_argument("--train-tokenizer", action="store_true",
-                   help="train a BPE model (byte fallback) on a sample of the input, written as PREFIX.model")
+                   help="train a BPE model (byte fallback, --normalization) on a sample of the input, written as PREFIX.model")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--tokenizer-sample", type=int, default=1_000_000,
                    help="lines of text sampled (reservoir) to train the tokenizer (default 1M)")
+    _add_normalization_arg(p)
     p.add_argument("--append-eod", action="store_true", help="append the eos id after each non-empty document")
     p.add_argument("--empty-documents", choices=("keep", "skip", "error"), default="keep",
                    help="documents with no tokens: keep as Megatron-LM does (default), skip, or stop")
@@ -123,7 +131,8 @@ def _run(cmd: str, args: argparse.Namespace) -> int:
 
         path = train_tokenizer(args.input, args.model_prefix, vocab_size=args.vocab_size,
                                json_keys=args.json_keys, sample_lines=args.tokenizer_sample,
-                               text_unit=args.text_unit, seed=args.seed, workers=args.workers)
+                               text_unit=args.text_unit, seed=args.seed, workers=args.workers,
+                               normalization=args.normalization)
         print(path)
         return 0
     from .encoder import DEFAULT_CACHE_WORDS
@@ -135,6 +144,7 @@ def _run(cmd: str, args: argparse.Namespace) -> int:
     opts = PreprocessOptions(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
         train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size, tokenizer_sample=args.tokenizer_sample,
+        normalization=args.normalization,
         json_keys=tuple(args.json_keys), append_eod=args.append_eod, workers=args.workers,
         text_unit=args.text_unit, on_error=args.on_error, empty_documents=args.empty_documents,
         verify=args.verify, num_shards=args.num_shards, shard_index=args.shard_index,

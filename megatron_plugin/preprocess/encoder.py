@@ -21,6 +21,7 @@ random documents with plain SentencePiece either way.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import json
 import os
 import re
@@ -41,24 +42,133 @@ MISS_BATCH = 20_000  # missed words encoded per SentencePiece call
 WS = "\u2581"  # SentencePiece's escaped whitespace
 
 
-def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
-    """Whether concatenating per-word encodings equals whole-document encoding for this model."""
+@dataclass(frozen=True)
+class EncodingPlan:
+    """Which encoder is exact for a model, and why; what the workers need to run it.
+
+    * ``words``: SentencePiece's default shape (extra whitespace removed, dummy prefix). Words are
+      cut at the characters the normalizer turns into a space and encoded by the model itself.
+    * ``layout``: the identity rule with whitespace kept (Llama 2 style). The dummy space is added
+      here, the text is cut into units of ``[spaces][non-spaces]`` (``SplitIntoWords``: a run of
+      spaces joins the word after it) and at ``isolated`` characters, and each unit is encoded by
+      the model with its dummy prefix turned off.
+    * ``normalized``: any other normalizer. SentencePiece normalizes the document (its own C++
+      normalizer, dummy prefix included), the result is cut the same way at ``▁`` and each
+      unit is encoded by the model with normalization and dummy prefix turned off.
+    * ``plain``: whole-document encoding.
+    """
+
+    mode: str
+    why: str
+    separators: str = ""  # words: characters the normalizer turns into a word boundary
+    isolated: str = ""  # layout/normalized: characters that no mergeable piece contains
+    dummy_prefix: bool = True  # layout: the model adds a dummy space in front of a document
+
+    @property
+    def per_word(self) -> bool:
+        return self.mode != "plain"
+
+    @property
+    def label(self) -> str:
+        return {"words": "per-word cache", "layout": "per-word cache, whitespace kept",
+                "normalized": "per-word cache, normalized first", "plain": "plain"}[self.mode]
+
+
+# Characters worth cutting out of a word when no piece contains them (a model trained on lines of
+# text has no piece with a newline: it is a byte-fallback token that never merges).
+ISOLATION_CANDIDATES = "\n\r\t\x0b\x0c"
+
+
+def _crossing_piece(pieces: Sequence[str]) -> Optional[str]:
+    """A piece that could merge across a word boundary: a non-space followed by U+2581, or a space."""
+    for p in pieces:
+        if " " in p:
+            return p
+        i = p.find(WS, 1)
+        while i > 0:
+            if p[i - 1] != WS:
+                return p
+            i = p.find(WS, i + 1)
+    return None
+
+
+def isolated_characters(spec: ModelSpec) -> str:
+    """Candidates no multi-character piece contains, and that stay one symbol (a piece or bytes).
+
+    BPE merges two symbols only into a piece of the vocabulary, so such a character is never part
+    of a larger symbol: the text on either side of it encodes on its own. Without byte fallback
+    an unknown character is not safe: SentencePiece joins runs of unknown pieces into one.
+    """
+    singles = {p for p in spec.pieces if len(p) == 1}
+    longer = "".join(p for p in spec.pieces if len(p) > 1)
+    return "".join(c for c in ISOLATION_CANDIDATES
+                   if c not in longer and (c in singles or spec.byte_fallback))
+
+
+def plan_encoding(spec: Optional[ModelSpec]) -> EncodingPlan:
+    """Decide from the model's own normalizer and trainer settings and vocabulary."""
     if spec is None:
-        return False, "model spec unreadable (protobuf unavailable)"
+        return EncodingPlan("plain", "model spec unreadable (protobuf unavailable)")
+    if spec.model_type != "BPE":
+        # Viterbi over the whole text: with no piece across a word boundary the best path is the
+        # concatenation of the best paths per word, but adding up scores in another order can
+        # break near-ties differently in floating point, so exactness is not guaranteed.
+        return EncodingPlan("plain", f"model type {spec.model_type}: Viterbi segmentation of the whole text, "
+                                     "per-word scores can tie-break differently; encoded whole")
     checks = [
-        (spec.model_type == "BPE", f"model type {spec.model_type} is not BPE"),
-        (spec.add_dummy_prefix, "add_dummy_prefix=false"),
-        (spec.remove_extra_whitespaces, "remove_extra_whitespaces=false"),
         (spec.escape_whitespaces, "escape_whitespaces=false"),
-        (spec.split_by_whitespace, "split_by_whitespace=false"),
+        (spec.split_by_whitespace, "split_by_whitespace=false (pieces may span words)"),
         (not spec.treat_whitespace_as_suffix, "treat_whitespace_as_suffix=true"),
         (not any(WS in p[1:] or " " in p for p in spec.user_defined),
          "a user-defined piece spans a word boundary"),
     ]
     for ok, why in checks:
         if not ok:
-            return False, why
-    return True, "per-word cache"
+            return EncodingPlan("plain", why)
+    crossing = _crossing_piece(spec.pieces)
+    if crossing is not None:
+        return EncodingPlan("plain", f"piece {crossing!r} spans a word boundary")
+    if not spec.byte_fallback and WS not in spec.pieces:
+        return EncodingPlan("plain", "no byte fallback and no \u2581 piece: unknown runs could join across words")
+    if spec.remove_extra_whitespaces and spec.add_dummy_prefix:
+        return EncodingPlan("words", "BPE, extra whitespace removed, dummy prefix: words encoded alone")
+    isolated = isolated_characters(spec)
+    if spec.normalization == "identity" and not spec.has_charsmap and not spec.has_rule_tsv:
+        if not spec.remove_extra_whitespaces:
+            return EncodingPlan("layout", "BPE, identity normalizer, whitespace kept: units of "
+                                          "[spaces][word] encoded alone, dummy prefix added here",
+                                isolated=isolated, dummy_prefix=spec.add_dummy_prefix)
+    return EncodingPlan("normalized", f"BPE, {spec.normalization} normalizer"
+                                      f"{', whitespace kept' if not spec.remove_extra_whitespaces else ''}"
+                                      f"{', no dummy prefix' if not spec.add_dummy_prefix else ''}: normalized by "
+                                      "SentencePiece, units of [spaces][word] encoded alone", isolated=isolated)
+
+
+def per_word_exact(spec: Optional[ModelSpec]) -> tuple[bool, str]:
+    """Whether some per-word cache is exact for this model, and the reason."""
+    plan = plan_encoding(spec)
+    return plan.per_word, plan.why
+
+
+def unit_processor(model_path: str, keep_normalizer: bool) -> spm.SentencePieceProcessor:
+    """The model with its dummy prefix off (and, unless ``keep_normalizer``, no normalization).
+
+    Units after the first of a document have no dummy space in front; this processor encodes
+    them exactly as they are, with the model's pieces and scores unchanged.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    with open(model_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    ns = proto.normalizer_spec
+    ns.add_dummy_prefix = False
+    ns.remove_extra_whitespaces = False
+    if not keep_normalizer:
+        ns.name = "identity"
+        ns.precompiled_charsmap = b""
+        ns.normalization_rule_tsv = ""
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 # Normalization rules built into SentencePiece: their character maps come from Unicode data, so
@@ -189,6 +299,7 @@ class WordCacheEncoder:
         self._diff = "".join(sorted(diff))
         self._diff_ascii = "".join(c for c in self._diff if c < "\x80")
         self._split = re.compile("[" + re.escape("".join(sorted(sep))) + "]+").split
+        self.unit_sp = sp  # what encodes a cached word
         self.misses = 0
         self.lookups = 0
 
@@ -233,11 +344,46 @@ class WordCacheEncoder:
         # One SentencePiece call per batch of words, then one array for all their ids, cut into
         # per-word byte strings by C-level slicing. (Encoding the words as one space-joined string
         # would give the same ids but is slower: BPE's cost grows with the string's length.)
-        ids = self.sp.encode(words, num_threads=1)
+        ids = self.unit_sp.encode(words, num_threads=1)
         data = array(self._typecode, chain.from_iterable(ids)).tobytes()
         isz = self.dtype.itemsize
         ends = [n * isz for n in accumulate(map(len, ids), initial=0)]
         return list(map(data.__getitem__, map(slice, ends, ends[1:])))
+
+
+class UnitCacheEncoder(WordCacheEncoder):
+    """Per-unit cached encoder for the ``layout`` and ``normalized`` plans (whitespace kept).
+
+    A document is cut where SentencePiece's ``SplitIntoWords`` cuts its normalized text (before
+    every run of U+2581 that follows another character) and around ``isolated`` characters. No
+    mergeable piece crosses such a cut (checked on the vocabulary), so BPE on the whole text is
+    BPE on each unit, and each unit is encoded alone by the model without its dummy prefix.
+    """
+
+    def __init__(self, sp: spm.SentencePieceProcessor, dtype: np.dtype, plan: EncodingPlan, model_path: str,
+                 cache_words: int = DEFAULT_CACHE_WORDS) -> None:
+        super().__init__(sp, dtype, " ", cache_words)
+        self.normalize_first = plan.mode == "normalized"
+        self.unit_sp = unit_processor(model_path, keep_normalizer=not self.normalize_first)
+        # Identity rule: a space and U+2581 itself are the only characters that become U+2581.
+        space = re.escape(WS) if self.normalize_first else re.escape(" " + WS)
+        if plan.isolated:
+            iso = re.escape(plan.isolated)
+            pattern = f"[{iso}]+|[{space}]+[^{space}{iso}]*|[^{space}{iso}]+"
+        else:
+            pattern = f"[{space}]+[^{space}]*|[^{space}]+"
+        self._units = re.compile(pattern).findall
+        self._dummy = " " if plan.dummy_prefix and not self.normalize_first else ""
+
+    def words(self, text: str) -> list[str]:
+        if not text:
+            return []  # SentencePiece adds no dummy prefix to an empty text
+        return self._units(self._dummy + text)
+
+    def encode_many(self, texts: Sequence[str]) -> list[bytes]:
+        if self.normalize_first:
+            texts = self.sp.normalize(list(texts))
+        return super().encode_many(texts)
 
 
 class PlainEncoder:

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -14,7 +14,7 @@ import numpy as np
 from megatron_plugin.data.indexed import IndexedDatasetWriter, optimal_dtype
 
 from . import manifest as mf
-from .encoder import DEFAULT_CACHE_WORDS, per_word_exact, word_separators
+from .encoder import DEFAULT_CACHE_WORDS, EncodingPlan, plan_encoding, word_separators
 from .errors import EMPTY, HOW_TO_SKIP, PreprocessError
 from .readers import Chunk, InputFile, check_readable, expand_inputs, iter_chunks, parse_chunk, shard_files
 from .tokenizer import TokenizerInfo, TrainerOptions, describe, require_eod, train_sentencepiece
@@ -36,6 +36,7 @@ class PreprocessOptions:
     train_tokenizer: bool = False
     vocab_size: int = 32000
     tokenizer_sample: int = 1_000_000  # lines of text sampled for tokenizer training
+    normalization: str = "identity"  # of a trained tokenizer: "identity" (layout kept) | "nmt_nfkc"
     json_keys: tuple = ("text",)
     append_eod: bool = False
     workers: int = 0  # 0: all cores
@@ -113,7 +114,8 @@ def ensure_tokenizer(files: Sequence[InputFile], opts: PreprocessOptions) -> str
     model_prefix = opts.tokenizer_model[: -len(".model")] if (opts.tokenizer_model or "").endswith(".model") else opts.output_prefix
     model = model_prefix + ".model"
     trainer = TrainerOptions(vocab_size=opts.vocab_size, sample_sentences=opts.tokenizer_sample,
-                             seed=opts.seed, threads=opts.workers or default_workers())
+                             normalization=opts.normalization, seed=opts.seed,
+                             threads=opts.workers or default_workers())
     key = mf.fingerprint([[f.path, f.size, f.mtime_ns] for f in files], "",
                          {"trainer": asdict(trainer), **opts.output_options()})
     stamp = model_prefix + ".tokenizer.json"
@@ -127,7 +129,8 @@ def ensure_tokenizer(files: Sequence[InputFile], opts: PreprocessOptions) -> str
         except (OSError, ValueError):
             pass
     t0 = time.time()
-    _log(f"tokenizer: training BPE, vocab {opts.vocab_size}, on up to {opts.tokenizer_sample:,} sampled lines")
+    _log(f"tokenizer: training BPE ({opts.normalization} normalization), vocab {opts.vocab_size}, "
+         f"on up to {opts.tokenizer_sample:,} sampled lines")
     train_sentencepiece(_iter_texts(files, opts), model_prefix, trainer)
     import json
     with open(stamp, "w") as f:
@@ -146,9 +149,14 @@ def train_tokenizer(
     text_unit: str = "line",
     seed: int = 0,
     workers: int = 0,
+    normalization: str = "identity",
     **trainer_extra,
 ) -> str:
-    """Train a BPE SentencePiece model (byte fallback) on a bounded sample; returns ``PREFIX.model``."""
+    """Train a BPE SentencePiece model (byte fallback) on a bounded sample; returns ``PREFIX.model``.
+
+    ``normalization="identity"`` (default): Llama 2's settings, newlines, indentation and repeated
+    spaces survive; ``"nmt_nfkc"``: SentencePiece's default, NFKC and whitespace collapsed.
+    """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
@@ -157,7 +165,8 @@ def train_tokenizer(
     opts = PreprocessOptions(inputs=inputs, output_prefix=model_prefix, json_keys=tuple(json_keys),
                              text_unit=text_unit, seed=seed, workers=workers)
     trainer = TrainerOptions(vocab_size=vocab_size, sample_sentences=sample_lines, seed=seed,
-                             threads=workers or default_workers(), extra=dict(trainer_extra))
+                             normalization=normalization, threads=workers or default_workers(),
+                             extra=dict(trainer_extra))
     return train_sentencepiece(_iter_texts(files, opts), model_prefix, trainer)
 
 
@@ -231,14 +240,16 @@ def _encode_files(
     workers = opts.workers or default_workers()
     dtype = optimal_dtype(info.vocab_size)
     eod = require_eod(info) if opts.append_eod else -1
-    exact, why = per_word_exact(info.spec)
-    use_cache = exact and opts.encoder != "plain"
-    separators = (word_separators(info.path, info.sha256, info.spec.normalization, info.spec.has_rule_tsv)
-                  if use_cache else "")
+    plan = plan_encoding(info.spec)
+    if opts.encoder == "plain":
+        plan = EncodingPlan("plain", f"--encoder plain (auto would use: {plan.label}; {plan.why})")
+    elif plan.mode == "words":
+        plan = replace(plan, separators=word_separators(info.path, info.sha256, info.spec.normalization,
+                                                        info.spec.has_rule_tsv))
+    why = plan.why
     cfg = WorkerConfig(
         model_path=info.path, keys=tuple(opts.json_keys), dtype=str(dtype), append_eod=opts.append_eod,
-        eod_id=eod, empty_documents=opts.empty_documents, per_word=use_cache,
-        separators=separators, cache_words=opts.cache_words,
+        eod_id=eod, empty_documents=opts.empty_documents, plan=plan, cache_words=opts.cache_words,
     )
     t0 = time.time()
     bad_files: list = []
@@ -311,7 +322,7 @@ def _encode_files(
                 "blank_lines_ignored": stats["blank_lines"],
             },
             "tokenizer": info.as_dict(),
-            "encoder": {"mode": "per-word cache" if use_cache else "plain",
+            "encoder": {"mode": plan.label,
                         "why": why,
                         "cache_words": opts.cache_words,
                         "cache_hit_rate": round(1 - stats["misses"] / stats["lookups"], 4) if stats["lookups"] else None,

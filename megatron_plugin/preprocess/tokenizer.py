@@ -28,6 +28,12 @@ class ModelSpec:
     treat_whitespace_as_suffix: bool
     user_defined: tuple[str, ...] = ()
     has_rule_tsv: bool = False
+    allow_whitespace_only_pieces: bool = False
+    byte_fallback: bool = False
+    has_charsmap: bool = True  # False for the identity rule: every character maps to itself
+    # Every piece BPE can merge into (NORMAL, USER_DEFINED and UNUSED types): which character
+    # pairs can never be merged decides where a text may be cut without changing its encoding.
+    pieces: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,9 @@ def read_spec(model_path: str) -> Optional[ModelSpec]:
     with open(model_path, "rb") as f:
         proto.ParseFromString(f.read())
     ts, ns = proto.trainer_spec, proto.normalizer_spec
-    user = tuple(p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED)
+    kinds = pb.ModelProto.SentencePiece
+    user = tuple(p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED)
+    mergeable = tuple(p.piece for p in proto.pieces if p.type in (kinds.NORMAL, kinds.USER_DEFINED, kinds.UNUSED))
     return ModelSpec(
         model_type=pb.TrainerSpec.ModelType.Name(ts.model_type),
         normalization=ns.name,
@@ -77,6 +85,10 @@ def read_spec(model_path: str) -> Optional[ModelSpec]:
         treat_whitespace_as_suffix=ts.treat_whitespace_as_suffix,
         user_defined=user,
         has_rule_tsv=bool(ns.normalization_rule_tsv),
+        allow_whitespace_only_pieces=ts.allow_whitespace_only_pieces,
+        byte_fallback=ts.byte_fallback,
+        has_charsmap=bool(ns.precompiled_charsmap),
+        pieces=mergeable,
     )
 
 
@@ -117,22 +129,46 @@ def require_eod(info: TokenizerInfo) -> int:
 # Training
 
 
+# Llama 2's published trainer settings: the text's layout (newlines, indentation, repeated spaces)
+# survives encoding, which code and chat need. Digits are split one by one.
+LAYOUT_SETTINGS = dict(
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    split_by_unicode_script=True,
+    split_by_number=True,
+    max_sentencepiece_length=16,
+)
+# SentencePiece's own default: NFKC, runs of whitespace (newlines and tabs included) become one space.
+NFKC_SETTINGS = dict(normalization_rule_name="nmt_nfkc")
+NORMALIZATIONS = {"identity": LAYOUT_SETTINGS, "nmt_nfkc": NFKC_SETTINGS}
+
+
 @dataclass
 class TrainerOptions:
     vocab_size: int = 32000
     model_type: str = "bpe"
     byte_fallback: bool = True
     character_coverage: float = 0.9995
+    # "identity": Llama 2 style, whitespace kept; "nmt_nfkc": SentencePiece's default, whitespace collapsed
+    normalization: str = "identity"
     sample_sentences: int = 1_000_000  # reservoir size (lines of text)
     seed: int = 0
     threads: int = 0  # 0: all cores
     extra: dict = field(default_factory=dict)  # any other SentencePieceTrainer option
 
+    @property
+    def keeps_layout(self) -> bool:
+        return self.normalization == "identity"
 
-def _lines(doc: str) -> Iterator[str]:
+
+def _lines(doc: str, keep_indent: bool = False) -> Iterator[str]:
     for line in doc.split("\n"):
-        line = line.strip()
-        if not line:
+        # Kept whitespace is part of the text to learn (indentation pieces); a blank line is not.
+        line = line.rstrip("\r") if keep_indent else line.strip()
+        if not line.strip():
             continue
         while len(line.encode("utf-8")) > MAX_SENTENCE_BYTES:
             cut = MAX_SENTENCE_BYTES // 4  # characters: at most 4 bytes each
@@ -141,7 +177,7 @@ def _lines(doc: str) -> Iterator[str]:
         yield line
 
 
-def reservoir_sample(docs: Iterable[str], size: int, seed: int) -> list[str]:
+def reservoir_sample(docs: Iterable[str], size: int, seed: int, keep_indent: bool = False) -> list[str]:
     """Uniform random sample of ``size`` lines from a stream of documents (Algorithm R).
 
     Memory is bounded by ``size`` lines whatever the corpus size; the sample is deterministic for
@@ -151,7 +187,7 @@ def reservoir_sample(docs: Iterable[str], size: int, seed: int) -> list[str]:
     sample: list[str] = []
     seen = 0
     for doc in docs:
-        for line in _lines(doc):
+        for line in _lines(doc, keep_indent):
             seen += 1
             if len(sample) < size:
                 sample.append(line)
@@ -165,12 +201,14 @@ def reservoir_sample(docs: Iterable[str], size: int, seed: int) -> list[str]:
 def train_sentencepiece(docs: Iterable[str], model_prefix: str, opts: TrainerOptions) -> str:
     """Train a SentencePiece model on a bounded random sample of ``docs``; returns the .model path.
 
-    Defaults follow SentencePiece's own normalizer/trainer settings (nmt_nfkc, dummy prefix, extra
-    whitespace removal, split by whitespace), which keep the fast per-word encoder exact, plus
-    byte fallback so no input byte is ever unknown. The model is written to a temporary prefix and
-    renamed, so a killed run never leaves a truncated ``.model`` behind.
+    The default is Llama 2's whitespace-preserving shape (``LAYOUT_SETTINGS``); ``normalization=
+    "nmt_nfkc"`` gives SentencePiece's default normalizer instead. Both have byte fallback, so no
+    input byte is ever unknown, and both keep the per-word encoder exact. The model is written to
+    a temporary prefix and renamed, so a killed run never leaves a truncated ``.model`` behind.
     """
-    sample = reservoir_sample(docs, opts.sample_sentences, opts.seed)
+    if opts.normalization not in NORMALIZATIONS:
+        raise PreprocessError(f"normalization {opts.normalization!r}: use one of {', '.join(NORMALIZATIONS)}")
+    sample = reservoir_sample(docs, opts.sample_sentences, opts.seed, keep_indent=opts.keeps_layout)
     if not sample:
         raise PreprocessError("cannot train a tokenizer: the input has no non-empty text")
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
@@ -187,6 +225,7 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str, opts: TrainerOpt
         shuffle_input_sentence=False,
         num_threads=opts.threads or (os.cpu_count() or 1),
         minloglevel=2,
+        **NORMALIZATIONS[opts.normalization],
     )
     kwargs.update(opts.extra)
     try:

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from .encoder import DEFAULT_CACHE_WORDS, PlainEncoder, WordCacheEncoder
+from .encoder import DEFAULT_CACHE_WORDS, EncodingPlan, PlainEncoder, UnitCacheEncoder, WordCacheEncoder
 from .errors import EMPTY, INVALID_UTF8, BadRecord
 from .readers import Chunk, parse_chunk
 
@@ -27,8 +27,7 @@ class WorkerConfig:
     append_eod: bool
     eod_id: int
     empty_documents: str  # "keep" | "skip" | "error"
-    per_word: bool
-    separators: str = ""
+    plan: EncodingPlan
     cache_words: int = DEFAULT_CACHE_WORDS
 
 
@@ -55,8 +54,10 @@ class Worker:
         self.cfg = cfg
         self.sp = spm.SentencePieceProcessor(model_file=cfg.model_path)
         dtype = np.dtype(cfg.dtype)
-        if cfg.per_word:
-            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.separators, cfg.cache_words)
+        if cfg.plan.mode == "words":
+            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.plan.separators, cfg.cache_words)
+        elif cfg.plan.per_word:
+            self.encoder = UnitCacheEncoder(self.sp, dtype, cfg.plan, cfg.model_path, cfg.cache_words)
         else:
             self.encoder = PlainEncoder(self.sp, dtype)
         self.eod = np.array([cfg.eod_id], dtype=dtype).tobytes() if cfg.append_eod else b""
