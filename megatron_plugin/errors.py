@@ -20,13 +20,16 @@ class UserError(Exception):
     """Bad input or state that the user can fix; the message names the key/file and what to do."""
 
 
-def report_user_error(error: BaseException, stream: TextIO | None = None) -> int:
+def report_user_error(error: BaseException, stream: TextIO | None = None, every_rank: bool = True) -> int:
     """Print `error: ...` once for this process and return the exit code.
 
-    Under torchrun every process that hits the error prints it once, prefixed with its rank when
-    that is not 0, so that an error seen by one rank only is not lost; there is no traceback.
+    Under torchrun each process that hits an error prints it once, prefixed with its rank when that
+    is not 0, so that an error seen by one rank only is not lost. Errors that every rank finds alike
+    (a config checked before training starts) pass `every_rank=False`: rank 0 alone prints them.
     """
     rank = os.environ.get("RANK", "0")
+    if rank != "0" and not every_rank:
+        return EXIT_USER_ERROR
     prefix = "" if rank == "0" else f"[rank {rank}] "
     print(f"{prefix}error: {error}", file=stream or sys.stderr, flush=True)
     return EXIT_USER_ERROR

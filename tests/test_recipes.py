@@ -142,13 +142,67 @@ def test_bad_overrides_are_refused_clearly(override, message):
         apply_overrides(get_preset("smoke"), [override])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.max_steps=ten", "train.max_steps takes an integer, got 'ten'; e.g. train.max_steps=10"),
+    ("data.paths=/x", "data.paths is a list; write data.paths=[/x]"),
+    ("data.paths=/a,/b", "data.paths is a list; write data.paths=[/a,/b]"),
+    ("log.tensorboard=maybe", "log.tensorboard takes true or false, got 'maybe'"),
+    ("train.max_steps=null", "train.max_steps cannot be null; give an integer"),
+    ("train=5", "train is a group of keys, not a value"),
+    ("gradient_accumulation_steps=x", "gradient_accumulation_steps takes a positive integer, got 'x'"),
+])
+def test_override_value_errors_name_key_type_and_value(override, message):
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(get_preset("smoke"), [override])
+    assert message in str(caught.value)
+    assert "ListConfig" not in str(caught.value) and "converted to" not in str(caught.value)
+
+
+def test_all_override_errors_are_reported_together():
+    with pytest.raises(ConfigError) as caught:
+        apply_overrides(get_preset("smoke"), ["train.max_steps=ten", "optim.lr=1e-4", "data.paths=/x", "nokey=1"])
+    text = str(caught.value)
+    assert text.startswith("3 problems with the overrides")
+    assert "train.max_steps" in text and "data.paths" in text and "'nokey'" in text
+
+
+def test_all_validation_errors_are_reported_together():
+    with pytest.raises(ConfigError) as caught:
+        _invalid(["train.max_steps=0", "log.interval=0", "checkpoint.keep=0", "train.global_batch_size=100"])
+    text = str(caught.value)
+    assert text.startswith("4 problems with the config")
+    for key in ("train.max_steps=0", "log.interval=0", "checkpoint.keep=0", "global_batch_size (100)"):
+        assert key in text
+
+
+def test_tensor_parallel_in_one_process_says_how_to_start_processes():
+    cfg, _ = apply_overrides(get_preset("smoke"), ["parallel.tensor=2"])
+    with pytest.raises(ConfigError) as caught:
+        validate(cfg, world_size=1, check_data=False)
+    text = str(caught.value)
+    assert "torchrun --nproc-per-node 2 -m megatron_plugin.recipes.run smoke" in text
+    assert "./start_training.sh --config smoke --gpus 2" in text
+
+
+def test_run_summary_fits_one_screen():
+    from megatron_plugin.recipes.summary import run_summary
+
+    cfg = get_preset("production_8gpu")
+    text = run_summary(cfg, world_size=8, config_path="runs/production_8gpu/config.yaml")
+    lines = text.splitlines()
+    assert len(lines) <= 15 and max(len(line) for line in lines) <= 140
+    assert "TP=1 PP=1 CP=1 DP=8" in text and "262,144 tokens/step" in text
+    assert "1,213.3M parameters" in text and "590,625" in text
+    assert "runs/production_8gpu/config.yaml" in text
+
+
 def _invalid(overrides, world_size=8, check_data=False, cuda=True):
     cfg, _ = apply_overrides(get_preset("production_8gpu"), overrides)
     validate(cfg, world_size=world_size, check_data=check_data, cuda=cuda)
 
 
 @pytest.mark.parametrize("overrides,world_size,message", [
-    (["parallel.tensor=3"], 8, "world size 8 is not divisible"),
+    (["parallel.tensor=3"], 8, "= 3 processes per model copy, but this run has 8: start 9 processes"),
     (["train.global_batch_size=100"], 8, "global_batch_size \\(100\\) is not divisible"),
     (["parallel.tensor=8", "model.num_query_groups=4"], 8, "num_attention_heads \\(16\\) is not divisible by parallel.tensor \\(8\\)|num_query_groups \\(4\\) is not divisible"),
     (["parallel.tensor=2", "model.num_query_groups=1"], 8, "num_query_groups \\(1\\) is not divisible by parallel.tensor"),

@@ -13,11 +13,14 @@ import sys
 
 from omegaconf import OmegaConf
 
-from megatron_plugin.config import ConfigError, RunConfig
+from megatron_plugin.config import RunConfig
+from megatron_plugin.errors import UserError, report_user_error
 from megatron_plugin.recipes.overrides import apply_overrides
 from megatron_plugin.recipes.plan import format_plan, make_plan
 from megatron_plugin.recipes.presets import PRESETS, get_preset
+from megatron_plugin.recipes.summary import run_summary
 from megatron_plugin.recipes.validate import validate
+from megatron_plugin.runtime import expected_warnings
 from megatron_plugin.runtime.peak import GPU_PEAKS
 
 logger = logging.getLogger("megatron_plugin.run")
@@ -62,6 +65,7 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    expected_warnings.install()  # before Megatron-Core is imported: it warns at import
     if args.list:
         for name, fn in sorted(PRESETS.items()):
             print(f"{name:18s} {(fn.__doc__ or '').strip().splitlines()[0]}")
@@ -85,19 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg, world_size=_world_size())
         if rank0:
             os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            config_path = os.path.join(cfg.run_dir, "config.yaml")
+            with open(config_path, "w", encoding="utf-8") as f:
                 f.write(yaml_text)
-            logger.info("resolved config (saved to %s):\n%s", os.path.join(cfg.run_dir, "config.yaml"), yaml_text)
+            logger.info("%s", run_summary(cfg, _world_size(), config_path))
         from megatron_plugin.runtime.distributed import shutdown
+        from megatron_plugin.training.checkpoint import CheckpointError
         from megatron_plugin.training.loop import train
 
         try:
             train(cfg)
+        except (UserError, CheckpointError) as error:  # CheckpointError: found by each rank itself
+            return report_user_error(error)
         finally:
             shutdown()
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:  # the config: every rank resolves and validates the same one
+        return report_user_error(error, every_rank=False)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size, validate_model
@@ -9,49 +10,100 @@ from megatron_plugin.data.gpt_dataset import parse_blend, require_prefixes
 
 
 def validate(cfg: RunConfig, world_size: int, check_data: bool = True, cuda: bool | None = None) -> None:
+    """Raise one ConfigError listing every problem found (not only the first)."""
     import torch
 
+    problems = _Problems()
     p = cfg.parallel
     for name in ("tensor", "pipeline", "context"):
         if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name}={getattr(p, name)}: must be 1 or more")
-    dp = data_parallel_size(p, world_size)
-    validate_model(cfg.model, p.tensor)
+            problems.add(f"parallel.{name}={getattr(p, name)}: must be 1 or more")
+    dp = None
+    if not problems:
+        with problems.collect():
+            dp = _data_parallel(p, world_size, cfg.run.name)
+    with problems.collect():
+        validate_model(cfg.model, max(p.tensor, 1))
     t = cfg.train
     if t.micro_batch_size < 1 or t.global_batch_size < 1:
-        raise ConfigError("train.micro_batch_size and train.global_batch_size must be positive")
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(
+        problems.add("train.micro_batch_size and train.global_batch_size must be positive")
+    elif dp is not None and t.global_batch_size % (t.micro_batch_size * dp):
+        problems.add(
             f"train.global_batch_size ({t.global_batch_size}) is not divisible by "
             f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp}) = "
             f"{t.micro_batch_size * dp}: change one of them (data-parallel size = world size "
             f"{world_size} / (TP x PP x CP))"
         )
-    if cfg.model.num_layers % p.pipeline:
-        raise ConfigError(
+    if p.pipeline >= 1 and cfg.model.num_layers % p.pipeline:
+        problems.add(
             f"model.num_layers ({cfg.model.num_layers}) is not divisible by parallel.pipeline ({p.pipeline})"
         )
     if cfg.data.seq_length > cfg.model.max_seq_length:
-        raise ConfigError(
+        problems.add(
             f"data.seq_length ({cfg.data.seq_length}) is above model.max_seq_length "
             f"({cfg.model.max_seq_length}): lower data.seq_length or raise model.max_seq_length"
         )
     if cfg.precision.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision.dtype={cfg.precision.dtype!r}: use fp32, bf16 or fp16")
+        problems.add(f"precision.dtype={cfg.precision.dtype!r}: use fp32, bf16 or fp16")
     if t.max_steps < 1:
-        raise ConfigError(f"train.max_steps={t.max_steps}: must be 1 or more")
-    if cfg.optim.warmup_steps > t.max_steps:
-        raise ConfigError(
+        problems.add(f"train.max_steps={t.max_steps}: must be 1 or more")
+    elif cfg.optim.warmup_steps > t.max_steps:
+        problems.add(
             f"optim.warmup_steps ({cfg.optim.warmup_steps}) is above train.max_steps ({t.max_steps}): "
             "lower the warmup"
         )
     if cfg.log.interval < 1:
-        raise ConfigError(f"log.interval={cfg.log.interval}: must be 1 or more")
+        problems.add(f"log.interval={cfg.log.interval}: must be 1 or more")
     if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 1 resumable checkpoint")
-    _validate_fp8(cfg, torch.cuda.is_available() if cuda is None else cuda)
+        problems.add(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 1 resumable checkpoint")
+    with problems.collect():
+        _validate_fp8(cfg, torch.cuda.is_available() if cuda is None else cuda)
     if check_data:
-        _validate_data(cfg)
+        with problems.collect():
+            _validate_data(cfg)
+    problems.raise_if_any()
+
+
+class _Problems:
+    """Messages gathered from every check of a config, raised together."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.messages)
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    @contextlib.contextmanager
+    def collect(self):
+        try:
+            yield
+        except ConfigError as error:
+            self.messages.append(str(error))
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise ConfigError(self.messages[0])
+        if self.messages:
+            raise ConfigError(f"{len(self.messages)} problems with the config:\n"
+                              + "\n".join(f"  - {m}" for m in self.messages))
+
+
+def _data_parallel(p, world_size: int, preset: str) -> int:
+    """The data-parallel size, or a ConfigError that says how to start the processes needed."""
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
+        need = model_parallel * max(1, -(-world_size // model_parallel))
+        raise ConfigError(
+            f"parallel.tensor ({p.tensor}) x parallel.pipeline ({p.pipeline}) x parallel.context "
+            f"({p.context}) = {model_parallel} processes per model copy, but this run has {world_size}: "
+            f"start {need} processes (one per GPU, or per CPU process on CPU), e.g. "
+            f"`torchrun --nproc-per-node {need} -m megatron_plugin.recipes.run {preset} ...` or "
+            f"`./start_training.sh --config {preset} --gpus {need} ...`; or lower the parallel.* sizes"
+        )
+    return data_parallel_size(p, world_size)
 
 
 def _validate_fp8(cfg: RunConfig, cuda: bool) -> None:
