@@ -93,6 +93,32 @@ def test_plan_json_cli(capsys):
     assert plan["seed_claims"]["hours"] == 8.2
 
 
+def test_plan_of_a_cpu_preset_uses_the_cpu_peak(capsys, monkeypatch):
+    from megatron_plugin.runtime.peak import PEAK_ENV
+
+    monkeypatch.setenv(PEAK_ENV, "1e11")
+    assert run_main(["smoke", "--plan", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["gpu"] == "cpu" and plan["peak_flops_per_gpu"] == 1e11 and PEAK_ENV in plan["peak_source"]
+    assert plan["hours_at_mfu"] == pytest.approx(plan["total_flops"] / (1e11 * 0.4) / 3600)
+    assert run_main(["smoke", "--plan"]) == 0
+    text = capsys.readouterr().out
+    assert "H100" not in text and "0.0 h" not in text and "64 cores" not in text
+    assert text.splitlines()[0].startswith("Plan for smoke on 1 process(es) on the CPU")
+    assert "time                " in text and " s at 40% MFU of 100.0 GFLOP/s" in text
+
+
+def test_plan_gpu_cpu_flag_and_overrides_after_flags(capsys, monkeypatch, tmp_path):
+    from megatron_plugin.runtime.peak import PEAK_ENV
+
+    monkeypatch.setenv(PEAK_ENV, "2e11")
+    assert run_main(["production_8gpu", "--plan", "--json", "--gpu", "cpu", f"run.dir={tmp_path}"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    # All processes of a CPU run share the machine's cores: its peak is not multiplied by them.
+    assert plan["hours_at_mfu"] == pytest.approx(plan["total_flops"] / (2e11 * 0.4) / 3600)
+    assert plan["preprocess_cores"] == (os.cpu_count() or 1)
+
+
 def test_plan_uses_measured_throughput(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

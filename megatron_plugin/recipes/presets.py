@@ -35,9 +35,18 @@ from megatron_plugin.config import (
 PRESETS: dict[str, Callable[[], RunConfig]] = {}
 
 
+# Presets written for CPU (no GPU needed): `--plan` prices them with the CPU's measured peak.
+CPU_PRESETS: set[str] = set()
+
+
 def preset(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
     PRESETS[fn.__name__] = fn
     return fn
+
+
+def cpu_preset(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
+    CPU_PRESETS.add(fn.__name__)
+    return preset(fn)
 
 
 def get_preset(name: str) -> RunConfig:
@@ -111,7 +120,7 @@ def tiny_model(vocab_size: int = 512, seq: int = 128) -> ModelConfig:
                        num_query_groups=2, ffn_hidden_size=352, max_seq_length=seq)
 
 
-@preset
+@cpu_preset
 def smoke() -> RunConfig:
     """Tiny model on CPU over a generated corpus: the whole pipeline in well under a minute."""
     return RunConfig(

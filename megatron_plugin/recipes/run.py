@@ -1,6 +1,6 @@
 """`python -m megatron_plugin.recipes.run NAME [key=value ...]`: resolve a preset, validate, train.
 
-Flags: --list (presets), --show (resolved config only), --plan [--json] [--mfu 0.4] [--gpu h100].
+Flags: --list (presets), --show (resolved config only), --plan [--json] [--mfu 0.4] [--gpu h100|cpu].
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from megatron_plugin.config import RunConfig
 from megatron_plugin.errors import UserError, report_user_error
 from megatron_plugin.recipes.overrides import apply_overrides
-from megatron_plugin.recipes.plan import format_plan, make_plan
-from megatron_plugin.recipes.presets import PRESETS, get_preset
+from megatron_plugin.recipes.plan import CPU, format_plan, make_plan
+from megatron_plugin.recipes.presets import CPU_PRESETS, PRESETS, get_preset
 from megatron_plugin.recipes.summary import run_summary
 from megatron_plugin.recipes.validate import validate
 from megatron_plugin.runtime import expected_warnings
@@ -38,9 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the cost of the run without training")
     parser.add_argument("--json", action="store_true", help="with --plan: one JSON object")
     parser.add_argument("--mfu", type=float, default=0.40, help="with --plan: assumed MFU (default 0.40)")
-    parser.add_argument("--gpu", default="h100", choices=sorted(GPU_PEAKS), help="with --plan: GPU type")
-    parser.add_argument("--preprocess-cores", type=int, default=64,
-                        help="with --plan: CPU cores for the preprocessing estimate (default 64)")
+    parser.add_argument("--gpu", choices=sorted(GPU_PEAKS) + [CPU],
+                        help="with --plan: GPU type, or cpu for this machine's measured CPU peak "
+                             "(default: cpu for the CPU presets, else h100)")
+    parser.add_argument("--preprocess-cores", type=int,
+                        help="with --plan: CPU cores for the preprocessing estimate (default: this "
+                             "machine's for a CPU plan, else 64)")
     return parser
 
 
@@ -64,7 +67,8 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    # Intermixed: overrides may come after the flags (`smoke --plan run.dir=x`).
+    args = _parser().parse_intermixed_args(argv)
     expected_warnings.install()  # before Megatron-Core is imported: it warns at import
     if args.list:
         for name, fn in sorted(PRESETS.items()):
@@ -74,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, applied = resolve(args.preset, args.overrides)
         if args.plan:
             validate(cfg, world_size=cfg.parallel.gpus, check_data=False, cuda=True)
-            plan = make_plan(cfg, mfu=args.mfu, gpu=args.gpu, preprocess_cores=args.preprocess_cores)
+            gpu = args.gpu or (CPU if args.preset in CPU_PRESETS else "h100")
+            cores = args.preprocess_cores or ((os.cpu_count() or 1) if gpu == CPU else 64)
+            plan = make_plan(cfg, mfu=args.mfu, gpu=gpu, preprocess_cores=cores)
             print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
             return 0
         yaml_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
