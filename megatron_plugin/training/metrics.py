@@ -96,9 +96,11 @@ class Throughput:
         tokens_per_s = self.tokens_per_step * steps / elapsed
         flops_per_device = self.flops_per_token * tokens_per_s / self.world_size
         if self.peak_flops and math.isfinite(self.peak_flops) and flops_per_device > self.peak_flops:
-            raised = self.on_peak_exceeded(flops_per_device)
-            logger.warning("%.3g FLOP/s per device is above the peak %.3g used for MFU; the peak is "
-                           "now %.3g", flops_per_device, self.peak_flops, raised or flops_per_device)
+            raised = self.on_peak_exceeded(flops_per_device)  # logs when it raises a cached figure
+            if raised is None:
+                logger.warning("%.3g FLOP/s per device is above the peak %.3g used for MFU (check the "
+                               "FLOPs count or the peak); MFU is computed against %.3g from now on",
+                               flops_per_device, self.peak_flops, flops_per_device)
             self.peak_flops = raised or flops_per_device
         self.restart()
         return {
