@@ -12,7 +12,6 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 from typing import List, Optional
 
 from megatron_plugin.errors import UserError, report_user_error
@@ -20,6 +19,7 @@ from megatron_plugin.export.checkpoint import CheckpointError
 from megatron_plugin.export.to_hf import DEFAULT_MAX_SHARD_SIZE
 from megatron_plugin.export.verify import DEFAULT_TOLERANCE
 from megatron_plugin.model.build import DTYPES
+from megatron_plugin.runtime import expected_warnings
 
 logger = logging.getLogger("megatron_plugin.export")
 
@@ -55,10 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_libraries() -> None:
-    # Megatron-Core and torch.distributed.checkpoint warn about Apex/TE absence and deprecations
-    # on import and on every load; none of it concerns a conversion.
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    # The Apex/TE fallback and deprecation warnings Megatron-Core gives on CPU (the package's one
+    # list); its INFO logging says nothing about a conversion.
+    expected_warnings.install()
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
