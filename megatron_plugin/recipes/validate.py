@@ -99,7 +99,7 @@ def _data_parallel(p, world_size: int, preset: str) -> int:
         raise ConfigError(
             f"parallel.tensor ({p.tensor}) x parallel.pipeline ({p.pipeline}) x parallel.context "
             f"({p.context}) = {model_parallel} processes per model copy, but this run has {world_size}: "
-            f"start {need} processes (one per GPU, or per CPU process on CPU), e.g. "
+            f"start {need} processes (one per GPU; on CPU they share the cores), e.g. "
             f"`torchrun --nproc-per-node {need} -m megatron_plugin.recipes.run {preset} ...` or "
             f"`./start_training.sh --config {preset} --gpus {need} ...`; or lower the parallel.* sizes"
         )
