@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import sentencepiece as spm
 
 from megatron_plugin.data import indexed as ix
 from megatron_plugin.preprocess import preprocess_files, train_tokenizer
-from megatron_plugin.preprocess.encoder import UnitCacheEncoder, WordCacheEncoder, plan_encoding, word_separators
+from megatron_plugin.preprocess.encoder import make_encoder, plan_encoding, word_separators
 from megatron_plugin.preprocess.tokenizer import describe
 from megatron_plugin.preprocess.worker import ENCODE_ERRORS
 
@@ -102,12 +103,11 @@ def shape_models(tmp_path_factory):
 def _encoder(model: str, cache_words: int):
     info = describe(model)
     plan = plan_encoding(info.spec)
-    sp = spm.SentencePieceProcessor(model_file=model)
-    if plan.mode == "words":
-        return sp, WordCacheEncoder(sp, np.uint16, word_separators(info.path, info.sha256, info.spec.normalization),
-                                    cache_words)
     assert plan.per_word
-    return sp, UnitCacheEncoder(sp, np.uint16, plan, model, cache_words)
+    if plan.mode == "words":
+        plan = replace(plan, separators=word_separators(info.path, info.sha256, info.spec.normalization))
+    sp = spm.SentencePieceProcessor(model_file=model)
+    return sp, make_encoder(sp, np.uint16, plan, model, cache_words)
 
 
 def _texts() -> list[str]:

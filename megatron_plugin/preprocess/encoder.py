@@ -130,9 +130,9 @@ def plan_encoding(spec: Optional[ModelSpec]) -> EncodingPlan:
         return EncodingPlan("plain", f"piece {crossing!r} spans a word boundary")
     if not spec.byte_fallback and WS not in spec.pieces:
         return EncodingPlan("plain", "no byte fallback and no \u2581 piece: unknown runs could join across words")
+    isolated = isolated_characters(spec)
     if spec.remove_extra_whitespaces and spec.add_dummy_prefix:
         return EncodingPlan("words", "BPE, extra whitespace removed, dummy prefix: words encoded alone")
-    isolated = isolated_characters(spec)
     if spec.normalization == "identity" and not spec.has_charsmap and not spec.has_rule_tsv:
         if not spec.remove_extra_whitespaces:
             return EncodingPlan("layout", "BPE, identity normalizer, whitespace kept: units of "
@@ -341,10 +341,13 @@ class WordCacheEncoder:
         self.misses += len(words)
 
     def _encode_words(self, words: list) -> list[bytes]:
+        return self._sp_encode(self.unit_sp, words)
+
+    def _sp_encode(self, sp: spm.SentencePieceProcessor, words: list) -> list[bytes]:
         # One SentencePiece call per batch of words, then one array for all their ids, cut into
         # per-word byte strings by C-level slicing. (Encoding the words as one space-joined string
         # would give the same ids but is slower: BPE's cost grows with the string's length.)
-        ids = self.unit_sp.encode(words, num_threads=1)
+        ids = sp.encode(words, num_threads=1)
         data = array(self._typecode, chain.from_iterable(ids)).tobytes()
         isz = self.dtype.itemsize
         ends = [n * isz for n in accumulate(map(len, ids), initial=0)]
@@ -384,6 +387,16 @@ class UnitCacheEncoder(WordCacheEncoder):
         if self.normalize_first:
             texts = self.sp.normalize(list(texts))
         return super().encode_many(texts)
+
+
+def make_encoder(sp: spm.SentencePieceProcessor, dtype: np.dtype, plan: EncodingPlan, model_path: str,
+                 cache_words: int = DEFAULT_CACHE_WORDS):
+    """The encoder ``plan`` calls for (``plan.separators`` filled in for the ``words`` plan)."""
+    if plan.mode == "words":
+        return WordCacheEncoder(sp, dtype, plan.separators, cache_words)
+    if plan.per_word:
+        return UnitCacheEncoder(sp, dtype, plan, model_path, cache_words)
+    return PlainEncoder(sp, dtype)
 
 
 class PlainEncoder:

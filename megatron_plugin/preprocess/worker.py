@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from .encoder import DEFAULT_CACHE_WORDS, EncodingPlan, PlainEncoder, UnitCacheEncoder, WordCacheEncoder
+from .encoder import DEFAULT_CACHE_WORDS, EncodingPlan, make_encoder
 from .errors import EMPTY, INVALID_UTF8, BadRecord
 from .readers import Chunk, parse_chunk
 
@@ -54,12 +54,7 @@ class Worker:
         self.cfg = cfg
         self.sp = spm.SentencePieceProcessor(model_file=cfg.model_path)
         dtype = np.dtype(cfg.dtype)
-        if cfg.plan.mode == "words":
-            self.encoder = WordCacheEncoder(self.sp, dtype, cfg.plan.separators, cfg.cache_words)
-        elif cfg.plan.per_word:
-            self.encoder = UnitCacheEncoder(self.sp, dtype, cfg.plan, cfg.model_path, cfg.cache_words)
-        else:
-            self.encoder = PlainEncoder(self.sp, dtype)
+        self.encoder = make_encoder(self.sp, dtype, cfg.plan, cfg.model_path, cfg.cache_words)
         self.eod = np.array([cfg.eod_id], dtype=dtype).tobytes() if cfg.append_eod else b""
         self.itemsize = dtype.itemsize
 
