@@ -3,6 +3,7 @@ with a KV cache, on Megatron-Core's inference building blocks. CLI: `python -m
 megatron_plugin.generate` (docs/generate.md)."""
 
 from megatron_plugin.generate.api import TextGenerator, load_generator
+from megatron_plugin.generate.during_training import greedy_continuations
 from megatron_plugin.generate.engine import Generation, Generator, SamplingOptions
 from megatron_plugin.generate.errors import GenerateError
 from megatron_plugin.generate.loading import LoadedModel, load_model, resolve_source
@@ -16,5 +17,6 @@ __all__ = [
     "TextGenerator",
     "load_generator",
     "load_model",
+    "greedy_continuations",
     "resolve_source",
 ]
