@@ -105,11 +105,12 @@ def test_hugging_face_folder_gives_the_same_tokens(generator, smoke):
     assert [g.tokens for g in from_hf.generate(ids, greedy(16))] == [g.tokens for g in generator.generate(ids, greedy(16))]
 
 
-def test_tensor_parallel_2_gives_the_same_tokens_as_tp1(generator, smoke, tmp_path):
+@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--pipeline-parallel", "2"]], ids=["tp2", "pp2"])
+def test_two_process_layouts_give_the_same_tokens_as_one_process(generator, smoke, tmp_path, layout):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     result = run_python(["-m", "megatron_plugin.generate", "--checkpoint", str(smoke.checkpoints), "--prompts",
-                         str(prompts), "--max-new-tokens", str(NEW), "--ignore-eos", "--tensor-parallel", "2"], nproc=2)
+                         str(prompts), "--max-new-tokens", str(NEW), "--ignore-eos", *layout], nproc=2)
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     expected = generator.generate_text(PROMPTS, greedy())
     assert [r["prompt"] for r in records] == PROMPTS

@@ -25,6 +25,11 @@ Megatron-Core assumes CUDA in a handful of places. With CUDA absent we redirect 
    in one pass (in place when source and destination are the same tensor).
 8. `use_fused_adam`: Megatron builds `torch.optim.AdamW` with its defaults, which on CPU is the
    per-tensor loop of a dozen element-wise passes; torch's fused CPU AdamW does one pass.
+9. Inference (`megatron.core.inference`, used by `megatron_plugin.generate`): the static KV
+   cache and the sampler's generator are allocated on `torch.cuda.current_device()` (covered by
+   1.); the pipeline-parallel send / receive / broadcast helpers of
+   `inference.communication_utils` assert `tensor.is_cuda` on what they pass between stages,
+   which gloo passes as CPU tensors: the check becomes "a tensor is there".
 
 Everything is switched on by `enable()` only when CUDA is absent, and only for the
 megatron-core versions listed in `TESTED_MEGATRON_CORE`.
@@ -159,6 +164,12 @@ def use_fused_adam(optimizer) -> int:
     return changed
 
 
+def _tensor_present(tensor) -> None:
+    # Megatron's inference communication helpers assert `tensor.is_cuda`; on CPU (gloo) the
+    # tensors they send are CPU tensors, so only the presence half of the check holds.
+    assert tensor is not None
+
+
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
@@ -204,6 +215,7 @@ def enable() -> bool:
     version = check_megatron_core_version()
 
     import megatron.core.fusions.fused_softmax as fused_softmax
+    import megatron.core.inference.communication_utils as inference_comm
     import megatron.core.optimizer.clip_grads as clip_grads
     import megatron.core.optimizer.optimizer as megatron_optimizer
     import megatron.core.tensor_parallel.layers as tp_layers
@@ -220,6 +232,7 @@ def enable() -> bool:
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     logging.getLogger(tp_random.__name__).addFilter(_QuietForkWarning())
+    inference_comm._is_cuda = _tensor_present
     from megatron.core.utils import local_multi_tensor_scale
 
     for module in (clip_grads, megatron_optimizer):
