@@ -3,7 +3,9 @@ with gloo, where parallelism matters), and skipping GPU tests without CUDA."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -45,9 +47,8 @@ def child_env(threads: int = 2) -> dict:
     return env
 
 
-def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """`python ARGS` in a new process, or under torchrun with `nproc` processes (gloo on CPU)."""
+def python_command(args: list[str], nproc: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of `python ARGS`, under torchrun when `nproc` > 1."""
     full_env = child_env(threads=1 if nproc > 1 else 2)
     if env:
         full_env.update(env)
@@ -56,6 +57,43 @@ def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict 
                "--master-addr", "127.0.0.1", "--master-port", str(free_port())] + args
     else:
         cmd = [sys.executable] + args
+    return cmd, full_env
+
+
+def start_python(args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """`python ARGS` started in the background, in a session of its own; output discarded. Stop
+    it with `kill_run`."""
+    cmd, full_env = python_command(args, nproc, env)
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a run started by `start_python` with every process under it: its process group, and
+    torchrun's workers, which run in sessions of their own and would outlive their launcher."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(descendants, timeout=30)
+
+
+def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """`python ARGS` in a new process, or under torchrun with `nproc` processes (gloo on CPU)."""
+    cmd, full_env = python_command(args, nproc, env)
     # A session of its own: a test may kill the whole process group of the run it started.
     result = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
                             start_new_session=True)
@@ -65,3 +103,20 @@ def run_python(args: list[str], nproc: int = 1, timeout: float = 300, env: dict 
             f"\n--- stderr\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def read_metrics(run_dir) -> tuple[dict, dict]:
+    """A run's metrics.jsonl as (step -> training record, step -> validation record); later
+    records of a step win."""
+    train, val = {}, {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            (val if "val_loss" in record else train)[record["step"]] = record
+    return train, val
+
+
+def latest(run_dir) -> str | None:
+    """The checkpoint name RUN/checkpoints/latest points at, or None."""
+    pointer = os.path.join(run_dir, "checkpoints", "latest")
+    return open(pointer).read().strip() if os.path.exists(pointer) else None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,26 +11,11 @@ import time
 
 import pytest
 
-from conftest import REPO, child_env, run_python
+from conftest import REPO, child_env, latest, read_metrics, run_python
 
 SMOKE = ["-m", "megatron_plugin.recipes.run", "smoke"]
 # Short, fast settings: 30 steps, a checkpoint every 10, a log line every step.
 SHORT = ["train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "eval.interval=10", "eval.iters=1"]
-
-
-def read_metrics(run_dir) -> tuple[dict, dict]:
-    """(step -> training record, step -> validation record); later records of a step win."""
-    train, val = {}, {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            (val if "val_loss" in record else train)[record["step"]] = record
-    return train, val
-
-
-def latest(run_dir) -> str | None:
-    pointer = os.path.join(run_dir, "checkpoints", "latest")
-    return open(pointer).read().strip() if os.path.exists(pointer) else None
 
 
 @pytest.fixture(scope="module")
@@ -87,18 +72,24 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
         assert got[step]["lr"] == expected[step]["lr"]
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.tensor=1"])
+# TP=2 with the plain optimizer, whose checkpoints reshard to any layout (the distributed
+# optimizer's reload at another TP/PP is refused: test_resume_parallel.py).
+TP2_PLAIN = "parallel.tensor=2 parallel.distributed_optimizer=false"
+
+
+@pytest.mark.parametrize("layout", [TP2_PLAIN, "parallel.pipeline=2", "parallel.tensor=1"])
 def test_parallel_layouts_train(layout, tmp_path):
     """TP=2, PP=2 and DP=2 (the distributed optimizer), each with two gloo processes."""
     run_dir = tmp_path / "run"
     run_python(SMOKE + SHORT[:1] + ["train.max_steps=20", "log.interval=1", "eval.interval=20",
-                                    "eval.iters=1", "checkpoint.interval=20", layout, f"run.dir={run_dir}"], nproc=2)
+                                    "eval.iters=1", "checkpoint.interval=20", *layout.split(),
+                                    f"run.dir={run_dir}"], nproc=2)
     train, val = read_metrics(run_dir)
     assert train[20]["loss"] < 0.6 * train[1]["loss"]
-    if layout == "parallel.tensor=2":
+    if layout == TP2_PLAIN:
         # the TP=2 checkpoint resumes at TP=1 with the same validation loss
         result = run_python(SMOKE + ["train.max_steps=20", "eval.at_start=true", "eval.iters=1",
-                                     f"run.dir={run_dir}"])
+                                     "parallel.distributed_optimizer=false", f"run.dir={run_dir}"])
         assert "resharded" in result.stderr
         _, val_after = read_metrics(run_dir)
         assert val_after[20]["val_loss"] == pytest.approx(val[20]["val_loss"], rel=1e-5)
@@ -220,3 +211,85 @@ def test_bf16_mixed_precision_trains_checkpoints_and_exports(tmp_path):
     assert "resumed from" in result.stderr and latest(run_dir) == "iter_0000022"
     run_python(["-m", "megatron_plugin.export", "--checkpoint", str(run_dir / "checkpoints"),
                 "--output", str(tmp_path / "hf"), "--verify"])
+
+
+def _straight_data(straight_dir) -> list[str]:
+    return ["data.generate_corpus=false", f"data.paths=[{straight_dir}/data/corpus_text_document]",
+            f"data.tokenizer_model={straight_dir}/data/tokenizer.model"]
+
+
+def test_logged_loss_is_the_mean_over_the_log_interval(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    per_step, _ = read_metrics(straight_dir)  # log.interval=1: every step's own loss
+    run_dir = tmp_path / "every5"
+    run_python(SMOKE + SHORT + _straight_data(straight_dir) + ["log.interval=5", f"run.dir={run_dir}"])
+    logged, _ = read_metrics(run_dir)
+    assert sorted(logged) == [5, 10, 15, 20, 25, 30]
+    for step, record in logged.items():
+        window = [per_step[s]["loss"] for s in range(step - 4, step + 1)]
+        assert record["loss"] == sum(window) / 5 and record["loss_steps"] == 5
+        assert record["step_loss"] == per_step[step]["loss"]
+
+
+def test_saves_and_the_end_of_the_run_are_reported(straight_run, tmp_path):
+    straight_dir, result = straight_run
+    for step in (10, 20, 30):
+        assert f"saved checkpoint {straight_dir}/checkpoints/iter_{step:07d} in " in result.stderr
+    assert "run finished: steps 0 -> 30 of 30, 30,720 tokens" in result.stderr
+    _, val = read_metrics(straight_dir)
+    best = min(val.values(), key=lambda v: v["val_loss"])
+    assert f"(best {best['val_loss']:.4f} at step {best['step']})" in result.stderr
+    assert f"python -m megatron_plugin.export --checkpoint {straight_dir}/checkpoints" in result.stderr
+    # the same command again: nothing to do, and it says so
+    run_dir = tmp_path / "copy"
+    shutil.copytree(straight_dir, run_dir)
+    again = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
+    assert "this run already finished" in again.stderr
+    assert read_metrics(run_dir) == read_metrics(straight_dir)
+
+
+def _damaged_copy(straight_dir, tmp_path, damage) -> str:
+    """The straight run's checkpoints, copied, with `damage(iter_0000030 folder)` applied."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(straight_dir / "checkpoints", root)
+    damage(root / "iter_0000030")
+    return str(root)
+
+
+def _largest_file(folder):
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    truncated = {}
+
+    def truncate(folder):
+        victim = _largest_file(folder / "optimizer")
+        truncated["path"] = victim
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+
+    root = _damaged_copy(straight_dir, tmp_path, truncate)
+    run_dir = tmp_path / "resumed"
+    result = run_python(SMOKE + SHORT + _straight_data(straight_dir) + [f"checkpoint.resume={root}",
+                                                                        f"run.dir={run_dir}"])
+    assert f"{truncated['path']} has" in result.stderr and "is damaged" in result.stderr
+    assert f"resumed from {root}/iter_0000020 at step 20" in result.stderr
+    expected, _ = read_metrics(straight_dir)
+    got, _ = read_metrics(run_dir)
+    assert sorted(got) == list(range(21, 31))
+    assert all(got[step]["loss"] == expected[step]["loss"] for step in got)
+
+
+def test_damaged_checkpoint_named_by_path_is_refused(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    root = _damaged_copy(straight_dir, tmp_path, lambda folder: os.remove(folder / "train_state.json"))
+    run_dir = tmp_path / "resumed"
+    result = run_python(SMOKE + SHORT + _straight_data(straight_dir) + [f"checkpoint.resume={root}/iter_0000030",
+                                                                        f"run.dir={run_dir}"], check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "iter_0000030 is damaged" in result.stderr and "train_state.json is missing" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -8,15 +8,18 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from megatron_plugin.config import ParallelConfig, data_parallel_size
+from megatron_plugin.errors import UserError
 from megatron_plugin.runtime import cpu_mode
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,25 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     )
     seed_everything(seed)
     return Runtime(rank=rank, world_size=world_size, device=device, data_parallel=data_parallel)
+
+
+def decided_on_rank0(decide: Callable[..., T], *args) -> T:
+    """`decide(*args)` on global rank 0, its answer (or the UserError it raised) handed to every
+    rank: for decisions about shared files that all ranks must take alike, and so that no rank
+    goes on alone when rank 0 stops."""
+    answer, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            answer = decide(*args)
+        except UserError as caught:
+            error = caught
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [answer, error]
+        dist.broadcast_object_list(box, src=0)
+        answer, error = box
+    if error is not None:
+        raise error
+    return answer
 
 
 def seed_everything(seed: int) -> None:

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,17 +32,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_plugin.config import RunConfig, model_config_from_dict
+from megatron_plugin.config import RunConfig, data_parallel_size, model_config_from_dict
+from megatron_plugin.errors import UserError
+from megatron_plugin.training.checkpoint_files import find_damage, write_file_manifest
 from megatron_plugin.training.optimizer import TrainState
+from megatron_plugin.training.optimizer_state import (
+    check_optimizer_resumable,
+    optimizer_format,
+    optimizer_metadata,
+    prime_optimizer_state,
+    restore_adam_steps,
+    saved_optimizer_format,
+)
 
 logger = logging.getLogger(__name__)
 
 # A checkpoint folder: iter_ and the step (written with 7 digits, read with any number of them).
 ITER_DIR = re.compile(r"^iter_(\d+)$")
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file or key and what to do."""
 
 
@@ -147,21 +157,36 @@ class Checkpointer:
     checkpoint is renamed into place and named `latest` once every rank's writer has finished.
     At most one save is in flight."""
 
-    def __init__(self, cfg: RunConfig, tokenizer_model: Optional[str]):
+    def __init__(self, cfg: RunConfig, tokenizer_model: Optional[str], saved_at: Optional[int] = None):
         self.cfg = cfg
         self.tokenizer_model = tokenizer_model
         self.root = checkpoint_root(cfg)
+        # The step of the newest checkpoint of this run (the one resumed from, at first).
+        self.saved_at = saved_at
         self._queue = None
         self._in_flight: Optional[str] = None
+        self._started = 0.0
         if cfg.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self._queue = AsyncCallsQueue()
 
+    def due(self, step: int) -> bool:
+        """A periodic save is due at this step (checkpoint.interval)."""
+        interval = self.cfg.checkpoint.interval
+        return interval > 0 and step % interval == 0
+
+    def save_unless_saved(self, state: TrainState, step: int, consumed_samples: int) -> None:
+        """Save at this step unless a checkpoint of it exists already (the end of a run, a stop)."""
+        if self.saved_at != step:
+            self.save(state, step, consumed_samples)
+
     def save(self, state: TrainState, step: int, consumed_samples: int) -> str:
         from megatron.core import dist_checkpointing
 
         self.wait()
+        self._started = time.perf_counter()
+        self.saved_at = step
         final = os.path.join(self.root, iter_dir_name(step))
         partial = final + ".partial"
         if _is_rank0():
@@ -180,8 +205,9 @@ class Checkpointer:
             # A fresh model state dict: save() consumed the first one, and the optimizer maps its
             # states onto the model's sharded tensors by parameter identity.
             model_sd = _gpt(state).sharded_state_dict()
+            metadata = optimizer_metadata(optimizer_format(self.cfg.parallel.distributed_optimizer))
             optimizer_sd = {
-                "optimizer": state.optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA),
+                "optimizer": state.optimizer.sharded_state_dict(model_sd, metadata=metadata),
                 "scheduler": state.scheduler.state_dict(),
                 "rng": _rng_sharded(),
             }
@@ -197,6 +223,9 @@ class Checkpointer:
             optimizer_request.add_finalize_fn(lambda: self._publish(partial, final))
             self._queue.schedule_async_request(optimizer_request)
             self._in_flight = final
+            if _is_rank0():
+                logger.info("checkpoint %s: model written in %.1f s, optimizer state being written in "
+                            "the background", final, time.perf_counter() - self._started)
         else:
             _barrier()
             self._publish(partial, final)
@@ -232,12 +261,15 @@ class Checkpointer:
         )
 
     def _write_metadata(self, partial: str, step: int, consumed_samples: int) -> None:
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
         _write_json(os.path.join(partial, "train_state.json"), {
             "step": step,
             "consumed_samples": consumed_samples,
             "tensor_parallel": self.cfg.parallel.tensor,
             "pipeline_parallel": self.cfg.parallel.pipeline,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": world_size,
+            "data_parallel": data_parallel_size(self.cfg.parallel, world_size),
+            "optimizer_format": optimizer_format(self.cfg.parallel.distributed_optimizer),
         })
         _write_json(os.path.join(partial, "run_config.json"), dataclasses.asdict(self.cfg))
         if self.tokenizer_model:
@@ -247,10 +279,12 @@ class Checkpointer:
         """Rank 0, once every rank has written: rename into place, move `latest`, prune."""
         if not _is_rank0():
             return
+        write_file_manifest(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         write_latest(self.root, os.path.basename(final))
         prune(self.root, self.cfg.checkpoint.keep, self.cfg.checkpoint.weights_only_snapshots)
+        logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - self._started)
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -281,17 +315,44 @@ def prune(root: str, keep: int, weights_only_snapshots: bool) -> None:
 
 
 def resolve_resume(cfg: RunConfig) -> Optional[str]:
+    """The checkpoint this run resumes from, None to start fresh. A damaged newest checkpoint of a
+    run (checkpoint.resume=auto, or a checkpoints folder) gives way to the newest intact resumable
+    one before it, with a warning naming the damage; a damaged checkpoint named by its own path is
+    refused."""
     mode = cfg.checkpoint.resume
     if mode in (None, "none", "never", False):
         return None
     if mode == "auto":
-        return read_latest(checkpoint_root(cfg))
+        return _newest_intact(checkpoint_root(cfg))
     path = str(mode)
     if os.path.isfile(os.path.join(path, "latest")):
-        return read_latest(path)
+        return _newest_intact(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint.resume={path}: no such checkpoint folder")
+    damage = find_damage(path)
+    if damage:
+        raise CheckpointError(f"checkpoint {path} is damaged: {damage}. Resume from an earlier checkpoint "
+                              "(checkpoint.resume=PATH/iter_N) or from the run's checkpoints folder")
     return path
+
+
+def _newest_intact(root: str) -> Optional[str]:
+    newest = read_latest(root)
+    if newest is None:
+        return None
+    damage = find_damage(newest)
+    if damage is None:
+        return newest
+    newest_step = int(ITER_DIR.match(os.path.basename(newest)).group(1))
+    for step, path in reversed(list_checkpoints(root)):
+        if step < newest_step and os.path.isdir(os.path.join(path, "optimizer")) and find_damage(path) is None:
+            logger.warning("checkpoint %s is damaged: %s. Resuming from %s, the newest intact checkpoint "
+                           "before it; the steps after it are trained again", newest, damage, path)
+            return path
+    raise CheckpointError(
+        f"checkpoint {newest} is damaged ({damage}) and no intact resumable checkpoint precedes it in "
+        f"{root}: restore the file, or start fresh with checkpoint.resume=none and another run.dir"
+    )
 
 
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
@@ -338,27 +399,35 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
     )
     _check_model_matches(cfg, path, saved_run, saved_layout[0])
     layout_changed = saved_layout != (cfg.parallel.tensor, cfg.parallel.pipeline)
+    optimizer_dir = os.path.join(path, "optimizer")
+    resumable = os.path.isdir(optimizer_dir) and bool(saved)
+    saved_format = saved_optimizer_format(saved, saved_run)
+    if resumable:
+        check_optimizer_resumable(cfg, path, saved_format, saved_layout, saved.get("data_parallel"))
     gpt = _gpt(state)
     loaded = dist_checkpointing.load({"model": gpt.sharded_state_dict()}, path)
     gpt.load_state_dict(loaded["model"])
     # bf16/fp16: the optimizer's fp32 master copies were made from the initial weights; refresh
     # them (a full resume then overwrites them with the saved ones).
     state.optimizer.reload_model_params()
-    optimizer_dir = os.path.join(path, "optimizer")
-    if not os.path.isdir(optimizer_dir) or not saved:
+    if not resumable:
         if _is_rank0():
             logger.info("%s has weights only: training starts at step 0 from these weights with a "
                         "new optimizer and LR schedule", path)
         return Resumed(0, 0, layout_changed, weights_only=True)
     model_sd = gpt.sharded_state_dict()
+    prime_optimizer_state(state.optimizer)
     optimizer_sd = {
-        "optimizer": state.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA),
+        "optimizer": state.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=optimizer_metadata(saved_format)),
     }
     if not layout_changed:
         optimizer_sd["rng"] = _rng_sharded()
+    # No autograd: the distributed optimizer copies into fp32 shards that are views of parameters.
     with torch.no_grad():
         loaded = dist_checkpointing.load(optimizer_sd, optimizer_dir)
-    state.optimizer.load_state_dict(loaded["optimizer"])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        restore_adam_steps(state.optimizer)
     state.scheduler.load_state_dict(loaded["scheduler"])  # common (non-sharded) state
     if not layout_changed:
         _set_rng_state(loaded["rng"])

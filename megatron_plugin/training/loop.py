@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,11 +17,12 @@ from megatron_plugin.config import RunConfig
 from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer
 from megatron_plugin.model import flops_per_token
 from megatron_plugin.recipes.validate import check_tokenizer_fits
-from megatron_plugin.runtime.distributed import Runtime, init_distributed
+from megatron_plugin.runtime.distributed import Runtime, decided_on_rank0, init_distributed
 from megatron_plugin.runtime.peak import device_peak_flops
 from megatron_plugin.training import checkpoint as ckpt
-from megatron_plugin.training.metrics import MetricsWriter, Throughput, console_line
+from megatron_plugin.training.metrics import MetricsWriter, Throughput, console_line, format_duration
 from megatron_plugin.training.optimizer import build_train_state
+from megatron_plugin.training.run_lock import hold_run_dir
 from megatron_plugin.training.step import eval_step, train_step
 
 logger = logging.getLogger("megatron_plugin.train")
@@ -73,8 +75,18 @@ def _dp_rank() -> int:
 
 
 def train(cfg: RunConfig) -> dict:
-    """Run training as configured; returns the last step and the samples consumed."""
+    """Run training as configured, owning its run directory; returns the last step and the
+    samples consumed."""
     runtime = init_distributed(cfg.parallel, cfg.train.seed)
+    lock = hold_run_dir(cfg.run_dir)
+    try:
+        return _train(cfg, runtime)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     prepare_data(cfg, runtime)
     check_tokenizer_fits(cfg)
     tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
@@ -91,13 +103,19 @@ def train(cfg: RunConfig) -> dict:
     state = build_train_state(cfg, dp)
 
     step, consumed = 0, 0
-    resume_path = ckpt.resolve_resume(cfg)
+    resume_path = decided_on_rank0(ckpt.resolve_resume, cfg)
     if resume_path:
         resumed = ckpt.load_checkpoint(cfg, state, resume_path)
         step, consumed = resumed.step, resumed.consumed_samples
         if runtime.is_main and not resumed.weights_only:
             logger.info("resumed from %s at step %d (%d samples consumed)%s", resume_path, step,
                         consumed, ", resharded to the new TP/PP layout" if resumed.layout_changed else "")
+    if step >= cfg.train.max_steps:
+        if runtime.is_main:
+            logger.info("this run already finished: %s is at step %d of train.max_steps=%d. Raise "
+                        "train.max_steps to train further, or use another run.dir", resume_path, step,
+                        cfg.train.max_steps)
+        return {"step": step, "consumed_samples": consumed}
 
     train_iter = MicroBatches(train_ds, mbs, _dp_rank(), dp, consumed)
     peak, peak_source = device_peak_flops(cfg.precision.dtype, cfg.precision.fp8 is not None)
@@ -110,19 +128,22 @@ def train(cfg: RunConfig) -> dict:
                     gbs, mbs, num_micro, dp, seq, fpt, peak, peak_source)
     stop = _StopSignal()
     start_time = time.perf_counter()
+    first_step = step
     if cfg.train.manual_gc_interval:
         gc.disable()
-    checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model)
-    last_saved = step if resume_path else None
+    checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model, saved_at=step if resume_path else None)
+    evaluator = Evaluator(cfg, state, valid_ds, runtime, metrics)
+    losses = LossWindow()
     try:
         if cfg.eval.at_start:
-            evaluate(cfg, state, valid_ds, runtime, step, metrics)
+            evaluator.run(step)
             throughput.restart()
         while step < cfg.train.max_steps:
             result = train_step(state, train_iter, num_micro, seq, mbs, runtime.device)
             step += 1
             consumed += gbs
             throughput.step()
+            losses.add(result.loss)
             if not math.isfinite(result.loss):
                 checkpointer.wait()  # publish a save still in flight: it holds good weights
                 raise NonFiniteLoss(
@@ -134,37 +155,93 @@ def train(cfg: RunConfig) -> dict:
             if cfg.train.manual_gc_interval and step % cfg.train.manual_gc_interval == 0:
                 gc.collect()
             if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
-                record = {"step": step, "loss": result.loss, "lr": result.lr,
+                record = {"step": step, **losses.take(), "step_loss": result.loss, "lr": result.lr,
                           "grad_norm": result.grad_norm, **throughput.measure(),
                           "consumed_samples": consumed, "elapsed_s": time.perf_counter() - start_time}
                 if runtime.is_main:
-                    eta = record["step_time_s"] * (cfg.train.max_steps - step)
-                    logger.info(console_line(record, cfg.train.max_steps, eta))
+                    logger.info(console_line(record, cfg.train.max_steps, throughput.eta_s(cfg.train.max_steps - step)))
                 metrics.write(record)
-            if cfg.eval.interval > 0 and (step % cfg.eval.interval == 0 or step == cfg.train.max_steps):
-                evaluate(cfg, state, valid_ds, runtime, step, metrics)
+            if evaluator.due(step):
+                evaluator.run(step)
                 throughput.restart()
-            if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0:
+            if checkpointer.due(step):
                 checkpointer.save(state, step, consumed)
-                last_saved = step
                 throughput.restart()
             if stop.any_rank(runtime.device):
-                if last_saved != step:
-                    checkpointer.save(state, step, consumed)
-                    last_saved = step
+                checkpointer.save_unless_saved(state, step, consumed)
                 if runtime.is_main:
                     logger.info("%s received: checkpoint at step %d saved, exiting", stop.received or "stop", step)
                 break
         else:
-            if cfg.checkpoint.interval > 0 and last_saved != step:
-                checkpointer.save(state, step, consumed)
+            if cfg.checkpoint.interval > 0:
+                checkpointer.save_unless_saved(state, step, consumed)
         checkpointer.wait()
     finally:
         stop.restore()
         metrics.close()
         if cfg.train.manual_gc_interval:
             gc.enable()
+    if runtime.is_main:
+        logger.info("%s", run_report(cfg, first_step, step, consumed, time.perf_counter() - start_time,
+                                     evaluator, checkpointer))
     return {"step": step, "consumed_samples": consumed}
+
+
+class LossWindow:
+    """The training losses since the last log line. The logged `loss` is their mean (as
+    Megatron-LM logs it), so that consecutive log lines show the trend rather than one step's
+    noise; `loss_steps` says how many steps it covers, `step_loss` is the logged step's own."""
+
+    def __init__(self):
+        self._losses: list[float] = []
+
+    def add(self, loss: float) -> None:
+        self._losses.append(loss)
+
+    def take(self) -> dict:
+        losses, self._losses = self._losses, []
+        return {"loss": sum(losses) / len(losses), "loss_steps": len(losses)}
+
+
+class Evaluator:
+    """Validation every eval.interval steps and at the last step: the mean loss over eval.iters
+    global batches of the validation split (always the same ones). Keeps the last and best loss."""
+
+    def __init__(self, cfg: RunConfig, state, valid_ds, runtime: Runtime, metrics: MetricsWriter):
+        self.cfg, self.state, self.valid_ds, self.runtime, self.metrics = cfg, state, valid_ds, runtime, metrics
+        self.last: Optional[tuple[int, float]] = None
+        self.best: Optional[tuple[int, float]] = None
+
+    def due(self, step: int) -> bool:
+        interval = self.cfg.eval.interval
+        return interval > 0 and (step % interval == 0 or step == self.cfg.train.max_steps)
+
+    def run(self, step: int) -> float:
+        val_loss = evaluate(self.cfg, self.state, self.valid_ds, self.runtime, step, self.metrics)
+        if math.isfinite(val_loss):
+            self.last = (step, val_loss)
+            if self.best is None or val_loss < self.best[1]:
+                self.best = (step, val_loss)
+        return val_loss
+
+
+def run_report(cfg: RunConfig, first_step: int, step: int, consumed: int, seconds: float,
+               evaluator: Evaluator, checkpointer: "ckpt.Checkpointer") -> str:
+    """What the run did and where its results are, with the command to run next."""
+    tokens = (step - first_step) * cfg.train.global_batch_size * cfg.data.seq_length
+    lines = [f"run {'finished' if step >= cfg.train.max_steps else 'stopped'}: steps {first_step} -> {step} "
+             f"of {cfg.train.max_steps}, {tokens:,} tokens in {format_duration(seconds)} "
+             f"({consumed:,} samples consumed in all)"]
+    if evaluator.last:
+        lines.append(f"  validation loss  {evaluator.last[1]:.4f} at step {evaluator.last[0]} "
+                     f"(best {evaluator.best[1]:.4f} at step {evaluator.best[0]})")
+    newest = ckpt.read_latest(checkpointer.root)
+    lines.append(f"  checkpoints      {checkpointer.root} (latest: {os.path.basename(newest) if newest else 'none'})")
+    lines.append(f"  metrics          {os.path.join(cfg.run_dir, 'metrics.jsonl')}")
+    if newest:
+        lines.append(f"  next             python -m megatron_plugin.export --checkpoint {checkpointer.root} "
+                     f"--output {os.path.join(cfg.run_dir, 'hf')}")
+    return "\n".join(lines)
 
 
 def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int, metrics: MetricsWriter) -> float:

@@ -43,9 +43,10 @@ def _wire_schedule_hooks(model: list, optimizer, ddp_config) -> None:
 
 
 def ddp_config_kwargs(cfg: RunConfig, data_parallel: int) -> dict:
-    """Megatron-Core DistributedDataParallelConfig arguments. The distributed optimizer only
-    pays off (and is only used) with more than one data-parallel rank."""
-    distributed_optimizer = cfg.parallel.distributed_optimizer and data_parallel > 1
+    """Megatron-Core DistributedDataParallelConfig arguments. The distributed optimizer is used
+    at every data-parallel size when asked for, one rank included, so that a run's checkpoints
+    keep one optimizer format and resume at another DP size (docs/checkpoints.md)."""
+    distributed_optimizer = cfg.parallel.distributed_optimizer
     return dict(
         grad_reduce_in_fp32=cfg.precision.dtype != "fp32",
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
