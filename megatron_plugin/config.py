@@ -102,8 +102,13 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     # Where GPTDataset writes its index cache; default RUN/data_cache.
     cache_dir: Optional[str] = None
-    # The smoke recipe generates its own corpus and tokenizer into RUN/data when this is set.
+    # Generate a corpus and its tokenizer into RUN/data (the smoke recipe) when this is set and
+    # data.paths names no dataset of the user's.
     generate_corpus: bool = False
+
+    @property
+    def uses_generated_corpus(self) -> bool:
+        return self.generate_corpus and not self.paths
 
 
 @dataclass
@@ -188,6 +193,11 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
 
 
 def model_config_from_dict(raw: dict) -> tuple[ModelConfig, list[str]]:

@@ -19,6 +19,10 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """Bad input or state that the user can fix; the message names the key/file and what to do."""
 
+    # True where every rank of a run finds the same error (a check of shared files against the
+    # shared config): the CLI then prints it once, from rank 0.
+    same_on_every_rank = False
+
 
 def report_user_error(error: BaseException, stream: TextIO | None = None, every_rank: bool = True) -> int:
     """Print `error: ...` once for this process and return the exit code.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -293,3 +294,31 @@ def test_damaged_checkpoint_named_by_path_is_refused(straight_run, tmp_path):
     assert "iter_0000030 is damaged" in result.stderr and "train_state.json is missing" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_smoke_trains_on_the_data_the_user_names(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    user_prefix = f"{straight_dir}/data/corpus_text_document"
+    run_dir = tmp_path / "own_data"
+    # no data.generate_corpus=false: naming a dataset is enough
+    run_python(SMOKE + ["train.max_steps=10", "checkpoint.interval=10", "eval.interval=10", "eval.iters=1",
+                        f"data.paths=[{user_prefix}]", f"data.tokenizer_model={straight_dir}/data/tokenizer.model",
+                        f"run.dir={run_dir}"])
+    assert not (run_dir / "data").exists()  # nothing generated
+    import yaml
+
+    ran = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]
+    saved = json.loads((run_dir / "checkpoints" / "iter_0000010" / "run_config.json").read_text())["data"]
+    assert ran["paths"] == saved["paths"] == [user_prefix]
+    # the generated corpus: config.yaml names what was generated, as the checkpoint does
+    ran = yaml.safe_load((straight_dir / "config.yaml").read_text())["data"]
+    saved = json.loads((straight_dir / "checkpoints" / "iter_0000030" / "run_config.json").read_text())["data"]
+    assert ran["paths"] == saved["paths"] == [f"{straight_dir}/data/corpus_text_document"]
+
+
+def test_smoke_refuses_a_dataset_that_does_not_exist(tmp_path):
+    result = run_python(SMOKE + [f"data.paths=[{tmp_path}/nowhere_text_document]",
+                                 f"data.tokenizer_model={tmp_path}/none.model", f"run.dir={tmp_path / 'run'}"],
+                        check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"{tmp_path}/nowhere_text_document" in result.stderr and "Traceback" not in result.stderr

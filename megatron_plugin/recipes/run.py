@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 
-from omegaconf import OmegaConf
 
 from megatron_plugin.config import RunConfig
 from megatron_plugin.errors import UserError, report_user_error
@@ -83,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(cfg, mfu=args.mfu, gpu=gpu, preprocess_cores=cores)
             print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
             return 0
-        yaml_text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if args.show:
-            print(yaml_text)
+            print(cfg.to_yaml())
             return 0
         _setup_logging()
         rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -93,20 +91,15 @@ def main(argv: list[str] | None = None) -> int:
             if item.alias and rank0:
                 logger.info("%s is the Hugging Face Trainer name of %s: set %s", item.alias, item.key, item.key)
         validate(cfg, world_size=_world_size())
-        if rank0:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            config_path = os.path.join(cfg.run_dir, "config.yaml")
-            with open(config_path, "w", encoding="utf-8") as f:
-                f.write(yaml_text)
-            logger.info("%s", run_summary(cfg, _world_size(), config_path))
+        if rank0:  # the training loop writes config.yaml once it owns the run directory
+            logger.info("%s", run_summary(cfg, _world_size(), os.path.join(cfg.run_dir, "config.yaml")))
         from megatron_plugin.runtime.distributed import shutdown
-        from megatron_plugin.training.checkpoint import CheckpointError
         from megatron_plugin.training.loop import train
 
         try:
             train(cfg)
-        except (UserError, CheckpointError) as error:  # CheckpointError: found by each rank itself
-            return report_user_error(error)
+        except UserError as error:  # printed by each rank that found it, unless all found the same
+            return report_user_error(error, every_rank=not error.same_on_every_rank)
         finally:
             shutdown()
     except UserError as error:  # the config: every rank resolves and validates the same one

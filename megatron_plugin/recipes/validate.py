@@ -133,7 +133,13 @@ def _validate_fp8(cfg: RunConfig, cuda: bool) -> None:
 
 
 def _validate_data(cfg: RunConfig) -> None:
-    if cfg.data.generate_corpus:
+    if cfg.data.uses_generated_corpus:
+        if cfg.data.tokenizer_model:
+            raise ConfigError(
+                f"data.tokenizer_model={cfg.data.tokenizer_model} is given without data.paths, and "
+                "data.generate_corpus=true would train on a generated corpus with its own tokenizer: "
+                "give data.paths=[PREFIX] of the dataset made with this tokenizer, or drop data.tokenizer_model"
+            )
         return
     require_prefixes(parse_blend(cfg.data.paths)[0])
     check_tokenizer_fits(cfg)

@@ -97,6 +97,7 @@ def decided_on_rank0(decide: Callable[..., T], *args) -> T:
         dist.broadcast_object_list(box, src=0)
         answer, error = box
     if error is not None:
+        error.same_on_every_rank = True  # the CLI prints it once
         raise error
     return answer
 

@@ -55,6 +55,12 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file or key and what to do."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint whose model does not fit this run's (every rank compares the same files)."""
+
+    same_on_every_rank = True
+
+
 @dataclass
 class Resumed:
     step: int
@@ -364,14 +370,14 @@ def _check_model_matches(cfg: RunConfig, path: str, saved_run: dict, saved_tp: i
     saved_model = saved_run.get("model", {})
     for name in _SHAPE_FIELDS:
         if name in saved_model and saved_model[name] != getattr(cfg.model, name):
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{path} holds a model with model.{name}={saved_model[name]}, this run has "
                 f"model.{name}={getattr(cfg.model, name)}: set model.{name}={saved_model[name]} or "
                 "start a new run.dir"
             )
     saved_padded = model_config_from_dict(saved_model)[0].padded_vocab_size(saved_tp)
     if saved_model and saved_padded != cfg.model.padded_vocab_size(cfg.parallel.tensor):
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{path} has its vocabulary padded to {saved_padded} rows (TP={saved_tp}); at "
             f"parallel.tensor={cfg.parallel.tensor} this run pads to "
             f"{cfg.model.padded_vocab_size(cfg.parallel.tensor)}: adjust model.make_vocab_size_divisible_by"

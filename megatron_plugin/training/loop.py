@@ -54,8 +54,9 @@ class _StopSignal:
 
 
 def prepare_data(cfg: RunConfig, runtime: Runtime) -> None:
-    """The smoke recipe's generated corpus: rank 0 writes it, the others wait."""
-    if not cfg.data.generate_corpus:
+    """The smoke recipe's generated corpus, when the user names no dataset: rank 0 writes it, the
+    others wait; data.paths and data.tokenizer_model then name it."""
+    if not cfg.data.uses_generated_corpus:
         return
     from megatron_plugin.data.prepare import generated_corpus_paths, prepare_generated_corpus
 
@@ -86,8 +87,16 @@ def train(cfg: RunConfig) -> dict:
             lock.release()
 
 
+def _write_config(cfg: RunConfig, runtime: Runtime) -> None:
+    """RUN/config.yaml: the config as it runs (after the data it trains on is known)."""
+    if runtime.is_main:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_yaml())
+
+
 def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     prepare_data(cfg, runtime)
+    _write_config(cfg, runtime)
     check_tokenizer_fits(cfg)
     tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
     dp = runtime.data_parallel

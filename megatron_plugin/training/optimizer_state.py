@@ -15,6 +15,8 @@ from megatron_plugin.errors import UserError
 class OptimizerStateError(UserError):
     """A checkpoint's optimizer state that cannot be loaded at this run's layout or settings."""
 
+    same_on_every_rank = True  # every rank checks the same files against the same config
+
 
 # The optimizer state's on-disk format, as train_state.json records it. Megatron-Core's plain
 # optimizer writes one sharded tensor per parameter, which reshards to any TP/PP/DP layout. The
