@@ -164,6 +164,10 @@ class EvalConfig:
     iters: int = 10
     # Validate once before the first step (e.g. to check a resumed or resharded checkpoint).
     at_start: bool = False
+    # At each validation, the greedy continuation of each of these prompts is logged (console,
+    # metrics.jsonl, TensorBoard text), prompt_tokens new tokens long at most.
+    prompts: list = field(default_factory=list)
+    prompt_tokens: int = 32
 
 
 @dataclass

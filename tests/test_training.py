@@ -322,3 +322,26 @@ def test_smoke_refuses_a_dataset_that_does_not_exist(tmp_path):
                         check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"{tmp_path}/nowhere_text_document" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_prompts_log_greedy_continuations(straight_run, tmp_path):
+    straight_dir, _ = straight_run
+    run_dir = tmp_path / "prompts"
+    prompts = ["Story 3:", "The old"]
+    result = run_python(SMOKE + _straight_data(straight_dir) + [
+        "train.max_steps=10", "checkpoint.interval=10", "eval.interval=10", "eval.iters=1",
+        f"eval.prompts=[{prompts[0]!r},{prompts[1]!r}]", "eval.prompt_tokens=8", f"run.dir={run_dir}"])
+    _, val = read_metrics(run_dir)
+    samples = val[10]["samples"]
+    assert [s["prompt"] for s in samples] == prompts
+    assert f"sample at step 10: {prompts[0]!r} -> {samples[0]['completion']!r}" in result.stderr
+    # the same continuations as the generate command gives from the checkpoint of that step
+    generated = run_python(["-m", "megatron_plugin.generate", "--checkpoint", str(run_dir), "--max-new-tokens", "8",
+                            "--prompts", str(_write_lines(tmp_path / "prompts.txt", prompts))])
+    completions = [json.loads(line)["completion"] for line in generated.stdout.splitlines() if line.strip()]
+    assert completions == [s["completion"] for s in samples]
+
+
+def _write_lines(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path

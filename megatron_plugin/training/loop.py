@@ -226,12 +226,33 @@ class Evaluator:
         return interval > 0 and (step % interval == 0 or step == self.cfg.train.max_steps)
 
     def run(self, step: int) -> float:
-        val_loss = evaluate(self.cfg, self.state, self.valid_ds, self.runtime, step, self.metrics)
+        val_loss = evaluate(self.cfg, self.state, self.valid_ds, self.runtime)
+        record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        if self.runtime.is_main:
+            logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, record["val_ppl"])
         if math.isfinite(val_loss):
             self.last = (step, val_loss)
             if self.best is None or val_loss < self.best[1]:
                 self.best = (step, val_loss)
+        if self.cfg.eval.prompts:
+            record["samples"] = self._samples(step)
+        self.metrics.write(record)
         return val_loss
+
+    def _samples(self, step: int) -> list[dict]:
+        """Greedy continuations of eval.prompts by the model as it is now (all ranks take part)."""
+        from megatron_plugin.generate.during_training import greedy_continuations
+
+        prompts = [str(p) for p in self.cfg.eval.prompts]
+        completions = greedy_continuations(self.state.model, self.cfg.data.tokenizer_model, prompts,
+                                           max_new_tokens=self.cfg.eval.prompt_tokens)
+        samples = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+        if self.runtime.is_main:
+            for sample in samples:
+                logger.info("sample at step %d: %r -> %r", step, sample["prompt"], sample["completion"])
+            self.metrics.write_text("samples", "\n\n".join(
+                f"**{s['prompt']}**{s['completion']}" for s in samples), step)
+        return samples
 
 
 def run_report(cfg: RunConfig, first_step: int, step: int, consumed: int, seconds: float,
@@ -253,7 +274,7 @@ def run_report(cfg: RunConfig, first_step: int, step: int, consumed: int, second
     return "\n".join(lines)
 
 
-def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int, metrics: MetricsWriter) -> float:
+def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime) -> float:
     """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
     if valid_ds is None:
         return float("nan")
@@ -264,9 +285,4 @@ def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime, step: int, metri
     total = 0.0
     for _ in range(cfg.eval.iters):
         total += eval_step(state, iterator, num_micro, cfg.data.seq_length, mbs, runtime.device)
-    val_loss = total / max(cfg.eval.iters, 1)
-    val_ppl = math.exp(min(val_loss, 50))
-    if runtime.is_main:
-        logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, val_ppl)
-    metrics.write({"step": step, "val_loss": val_loss, "val_ppl": val_ppl})
-    return val_loss
+    return total / max(cfg.eval.iters, 1)

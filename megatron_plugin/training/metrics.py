@@ -45,6 +45,12 @@ class MetricsWriter:
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
 
+    def write_text(self, tag: str, text: str, step: int) -> None:
+        """A text entry in TensorBoard (its Text tab); metrics.jsonl carries the data itself."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+            self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
