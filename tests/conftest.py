@@ -120,3 +120,19 @@ def latest(run_dir) -> str | None:
     """The checkpoint name RUN/checkpoints/latest points at, or None."""
     pointer = os.path.join(run_dir, "checkpoints", "latest")
     return open(pointer).read().strip() if os.path.exists(pointer) else None
+
+
+def kill_after_checkpoint(args: list[str], run_dir, checkpoints: tuple[str, ...], nproc: int = 1) -> int:
+    """Start the run, SIGKILL every process of it as soon as `latest` names one of `checkpoints`,
+    and return the step of the checkpoint it names then."""
+    import time
+
+    proc = start_python(args, nproc=nproc)
+    try:
+        deadline = time.time() + 300
+        while latest(run_dir) not in checkpoints and time.time() < deadline:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        kill_run(proc)  # the ranks and their checkpoint writers too
+    return int(latest(run_dir).split("_")[1])

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import REPO, kill_run, latest, read_metrics, run_python, start_python
+from conftest import REPO, kill_after_checkpoint, kill_run, latest, read_metrics, run_python, start_python
 
 pytestmark = pytest.mark.slow
 
@@ -58,25 +58,11 @@ def _assert_same_run(got_dir, expected_dir, steps) -> None:
         assert got[step]["consumed_samples"] == expected[step]["consumed_samples"]
 
 
-def _kill_after_a_checkpoint(args: list[str], run_dir, nproc: int) -> int:
-    """Start the run, SIGKILL every process of it once a checkpoint before the last is published,
-    and return that checkpoint's step."""
-    proc = start_python(args, nproc=nproc)
-    try:
-        deadline = time.time() + 300
-        while latest(run_dir) not in ("iter_0000004", "iter_0000008") and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        kill_run(proc)  # torchrun, both ranks and their checkpoint writers
-    return int(latest(run_dir).split("_")[1])
-
-
 @pytest.mark.parametrize("saving", ["sync", "async"])
 def test_dp2_resume_after_sigkill_is_exact(straight_dp2, data, tmp_path, saving):
     run_dir = tmp_path / "killed"
     args = SMOKE + SHORT + data + [f"checkpoint.async_save={str(saving == 'async').lower()}", f"run.dir={run_dir}"]
-    resumed_from = _kill_after_a_checkpoint(args, run_dir, nproc=2)
+    resumed_from = kill_after_checkpoint(args, run_dir, ("iter_0000004", "iter_0000008"), nproc=2)
     os.remove(run_dir / "metrics.jsonl")  # keep only what the resumed run logs
     result = run_python(args, nproc=2)
     assert f"resumed from {run_dir}/checkpoints/iter_{resumed_from:07d}" in result.stderr

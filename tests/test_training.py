@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import REPO, child_env, latest, read_metrics, run_python
+from conftest import REPO, child_env, kill_after_checkpoint, latest, read_metrics, run_python
 
 SMOKE = ["-m", "megatron_plugin.recipes.run", "smoke"]
 # Short, fast settings: 30 steps, a checkpoint every 10, a log line every step.
@@ -51,18 +51,8 @@ def test_smoke_trains_and_metrics_are_complete(straight_run):
 def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     straight_dir, _ = straight_run
     run_dir = tmp_path / "killed"
-    env = child_env()
-    proc = subprocess.Popen([sys.executable] + SMOKE + SHORT + [f"run.dir={run_dir}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while latest(run_dir) not in ("iter_0000010", "iter_0000020") and time.time() < deadline:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its checkpoint-writer processes
-        proc.wait()
-    resumed_from = int(latest(run_dir).split("_")[1])
+    resumed_from = kill_after_checkpoint(SMOKE + SHORT + [f"run.dir={run_dir}"], run_dir,
+                                         ("iter_0000010", "iter_0000020"))
     assert resumed_from < 30
     result = run_python(SMOKE + SHORT + [f"run.dir={run_dir}"])
     assert f"resumed from" in result.stderr
