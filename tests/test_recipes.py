@@ -218,7 +218,7 @@ def test_run_summary_fits_one_screen():
     lines = text.splitlines()
     assert len(lines) <= 15 and max(len(line) for line in lines) <= 140
     assert "TP=1 PP=1 CP=1 DP=8" in text and "262,144 tokens/step" in text
-    assert "1,213.3M parameters" in text and "590,625" in text
+    assert "1,213.3M parameters" in text and "590,625 (154.83B tokens)" in text
     assert "runs/production_8gpu/config.yaml" in text
 
 

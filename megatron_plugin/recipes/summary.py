@@ -8,6 +8,12 @@ from megatron_plugin.config import RunConfig, data_parallel_size
 from megatron_plugin.model import parameter_count
 
 
+def _count(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:,.2f}B"
+    return f"{n / 1e6:,.1f}M" if n >= 1e6 else f"{n:,}"
+
+
 def _data_line(cfg: RunConfig) -> str:
     data = cfg.data
     if data.generate_corpus:
@@ -33,7 +39,7 @@ def run_summary(cfg: RunConfig, world_size: int, config_path: str | None = None)
         f"  layout       {world_size} process(es): TP={p.tensor} PP={p.pipeline} CP={p.context} DP={dp}",
         f"  batch        {t.global_batch_size} sequences x {seq} tokens = {t.global_batch_size * seq:,} tokens/step "
         f"(micro {t.micro_batch_size} x accum {accum} x DP {dp})",
-        f"  steps        {t.max_steps:,} ({t.max_steps * t.global_batch_size * seq / 1e6:,.1f}M tokens)",
+        f"  steps        {t.max_steps:,} ({_count(t.max_steps * t.global_batch_size * seq)} tokens)",
         f"  optimizer    AdamW lr {o.lr:g}, warmup {o.warmup_steps:,} steps, cosine to {o.lr * o.min_lr_ratio:g}, "
         f"weight decay {o.weight_decay:g}, grad clip {t.grad_clip:g}",
         f"  precision    {precision}",
