@@ -8,9 +8,11 @@ export's importer into a temporary checkpoint first, so both inputs take one loa
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +84,10 @@ def import_hf_folder(path: Path, tensor_parallel: int) -> Path:
     converts its own copy: the importer runs as a single process, before torch.distributed starts."""
     from megatron_plugin.export.from_hf import import_hf
 
-    target = Path(tempfile.mkdtemp(prefix="megatron_plugin_hf_")) / "checkpoints"
+    scratch = Path(tempfile.mkdtemp(prefix="megatron_plugin_hf_"))
+    # The weights are read into the model right after; the copy goes when the process ends.
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    target = scratch / "checkpoints"
     logger.info("importing %s into %s", path, target)
     return import_hf(path, target, tensor_parallel=tensor_parallel)
 
