@@ -49,6 +49,17 @@ def test_rotary_gradcheck_double():
     assert torch.autograd.gradcheck(lambda t: rotary(t, freqs), (x,))
 
 
+def test_rotary_under_inference_mode():
+    """A model run under torch.inference_mode hands over inference tensors (no version counter)."""
+    from megatron_plugin.model.fused_ops import rotary
+
+    x = torch.randn(6, 1, 2, 8)
+    with torch.inference_mode():
+        freqs = _megatron_freqs(6, 8)
+        ours = rotary(x, freqs)
+    torch.testing.assert_close(ours, _rope_reference(x, _megatron_freqs(6, 8)), rtol=1e-6, atol=1e-6)
+
+
 def test_rotary_declines_other_layouts():
     from megatron_plugin.model.fused_ops import rotary
 

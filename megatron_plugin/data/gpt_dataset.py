@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from megatron_plugin.config import ConfigError, DataConfig
+from megatron_plugin.config import ConfigError, DataConfig, EvalConfig, TrainConfig
 
 
 def parse_blend(paths: Sequence) -> tuple[list[str], Optional[list[float]]]:
@@ -55,6 +55,14 @@ def megatron_tokenizer(model_path: str):
     return MegatronTokenizer.from_pretrained(
         tokenizer_path=model_path, metadata_path={"library": "sentencepiece", "model_type": "gpt"}
     )
+
+
+def split_sample_counts(train: TrainConfig, evals: EvalConfig) -> tuple[int, int, int]:
+    """The (train, valid, test) sample counts a run asks the dataset builder for: every training
+    step's global batch, and eval.iters global batches for each validation. They decide each
+    split's shuffling, so whoever rebuilds a run's splits (evaluation) must ask for the same."""
+    eval_runs = train.max_steps // evals.interval + 1 if evals.interval > 0 else 0
+    return (train.max_steps * train.global_batch_size, eval_runs * evals.iters * train.global_batch_size, 0)
 
 
 def build_datasets(

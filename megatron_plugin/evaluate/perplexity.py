@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -122,7 +122,7 @@ def split_windows(run_config: dict, ckpt_dir: Path, split: str, num_samples: Opt
                   max_tokens: Optional[int]) -> Iterator[np.ndarray]:
     """Samples of the run's GPTDataset split, first first, as the training loop reads them."""
     from megatron_plugin.config import DataConfig, EvalConfig, TrainConfig
-    from megatron_plugin.data.gpt_dataset import build_datasets, megatron_tokenizer
+    from megatron_plugin.data.gpt_dataset import build_datasets, megatron_tokenizer, split_sample_counts
 
     data = DataConfig(**{k: v for k, v in run_config.get("data", {}).items() if k in DataConfig.__dataclass_fields__})
     train = TrainConfig(**{k: v for k, v in run_config.get("train", {}).items() if k in TrainConfig.__dataclass_fields__})
@@ -135,10 +135,8 @@ def split_windows(run_config: dict, ckpt_dir: Path, split: str, num_samples: Opt
             f"--split {split}: the run's dataset {missing[0]} (.bin/.idx) is not there; run from "
             "the directory the training ran in, or pass --data PREFIX"
         )
-    # The sample counts the training loop asks the builder for: they decide each split's
-    # shuffling, so the same counts give the same samples (and reuse the run's index cache).
-    eval_runs = train.max_steps // evals.interval + 1 if evals.interval > 0 else 0
-    counts = (train.max_steps * train.global_batch_size, eval_runs * evals.iters * train.global_batch_size, 0)
+    # The training loop's sample counts: the same samples (and the run's index cache).
+    counts = split_sample_counts(train, evals)
     run_dir = (run_config.get("run") or {}).get("dir") or f"runs/{(run_config.get('run') or {}).get('name', 'run')}"
     cache = data.cache_dir or os.path.join(run_dir, "data_cache")
     if not os.path.isdir(cache):

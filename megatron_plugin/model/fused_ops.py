@@ -35,7 +35,8 @@ _rope_cache: dict = {}
 
 
 def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
-    key = (id(freqs), freqs._version, dtype)
+    # An inference tensor (a model run under torch.inference_mode) has no version counter.
+    key = (id(freqs), 0 if freqs.is_inference() else freqs._version, dtype)
     entry = _rope_cache.get("last")
     if entry is not None and entry[0] == key and entry[1] is freqs:
         return entry[2], entry[3]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_plugin.config import RunConfig
-from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer
+from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer, split_sample_counts
 from megatron_plugin.model import flops_per_token
 from megatron_plugin.recipes.validate import check_tokenizer_fits
 from megatron_plugin.runtime.distributed import Runtime, decided_on_rank0, init_distributed
@@ -103,10 +103,8 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
     num_micro = cfg.train.grad_accumulation_steps(dp)
     seq = cfg.data.seq_length
-    eval_runs = cfg.train.max_steps // cfg.eval.interval + 1 if cfg.eval.interval > 0 else 0
     train_ds, valid_ds, _ = build_datasets(
-        cfg.data, seq,
-        (cfg.train.max_steps * gbs, eval_runs * cfg.eval.iters * gbs, 0),
+        cfg.data, seq, split_sample_counts(cfg.train, cfg.eval),
         cfg.train.seed, cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"), tokenizer,
     )
     state = build_train_state(cfg, dp)
