@@ -11,11 +11,13 @@ from megatron_plugin.errors import EXIT_USER_ERROR, UserError
 from megatron_plugin.export.hf_config import UnsupportedModelError
 from megatron_plugin.export.output_dir import OutputExistsError
 from megatron_plugin.preprocess.errors import PreprocessError
+from megatron_plugin.training.checkpoint import CheckpointError
 
 from conftest import run_python
 
 
-@pytest.mark.parametrize("error_type", [ConfigError, PreprocessError, OutputExistsError, UnsupportedModelError])
+@pytest.mark.parametrize("error_type", [ConfigError, PreprocessError, OutputExistsError, UnsupportedModelError,
+                                        CheckpointError])
 def test_every_user_error_derives_from_one_base(error_type):
     assert issubclass(error_type, UserError)
 
