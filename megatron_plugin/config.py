@@ -217,7 +217,8 @@ def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tensor ({parallel.tensor}) x "
             f"parallel.pipeline ({parallel.pipeline}) x parallel.context ({parallel.context}) = "
-            f"{model_parallel}: change the GPU count or the parallel.* sizes"
+            f"{model_parallel}: start a multiple of {model_parallel} processes (torchrun --nproc-per-node N "
+            f"... / ./start_training.sh --gpus N) or change the parallel.* sizes"
         )
     return world_size // model_parallel
 
