@@ -467,7 +467,10 @@ def test_cli_megatron_flags_and_inspect(tmp_path, models, corpus):
     out = tmp_path / "cli"
     proc = _cli("--input", corpus[0], "--output-prefix", out, "--tokenizer-model", models["default"],
                 "--append-eod", "--workers", 2, "--tokenizer-type", "GPTSentencePieceTokenizer")
-    assert "tokens" in proc.stderr
+    assert "tokens" in proc.stderr and "no --append-eod" not in proc.stderr
+    without_eod = _cli("--input", corpus[0], "--output-prefix", tmp_path / "no_eod", "--tokenizer-model",
+                       models["default"], "--workers", 1)
+    assert "warning: no --append-eod" in without_eod.stderr
     prefix = str(out) + "_text_document"
     assert Path(prefix + ".bin").exists() and Path(prefix + ".idx").exists() and Path(prefix + ".json").exists()
     insp = _cli("inspect", prefix, "--show", 2).stdout

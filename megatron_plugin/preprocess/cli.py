@@ -151,5 +151,10 @@ def _run(cmd: str, args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes, cache_words=args.cache_words or DEFAULT_CACHE_WORDS,
         encoder=args.encoder, overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed,
     )
+    if not args.append_eod:
+        # As Megatron-LM's tool does; for pretraining data it is almost always a mistake.
+        print("warning: no --append-eod: documents are written without an end-of-document token, so a "
+              "training dataset made this way runs them together; add --append-eod for pretraining data",
+              file=sys.stderr)
     preprocess(opts)
     return 0
