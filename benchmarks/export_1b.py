@@ -37,7 +37,7 @@ def make_checkpoint(workdir: Path) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     import export_helpers
 
-    from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
+    from megatron_plugin.config import BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig, RunConfig
     from megatron_plugin.model.build import build_gpt_model
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
 
@@ -50,7 +50,7 @@ def make_checkpoint(workdir: Path) -> Path:
     precision = PrecisionConfig(dtype="bf16")
     started = time.time()
     init_distributed(parallel)
-    model = build_gpt_model(model_cfg, parallel, precision)
+    model = build_gpt_model(BuildConfig(model_cfg, precision, parallel))
     params = sum(p.numel() for p in model.parameters())
     print(f"built {params:,} parameters in {time.time() - started:.0f}s", flush=True)
     ckpt.mkdir(parents=True, exist_ok=True)

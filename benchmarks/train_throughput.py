@@ -200,7 +200,6 @@ def main(argv=None) -> int:
 
     from megatron_plugin.config import ConfigError, data_parallel_size
     from megatron_plugin.model import flops_per_token, parameter_count
-    from megatron_plugin.model.build import DTYPES
     from megatron_plugin.recipes.validate import validate
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
     from megatron_plugin.runtime.peak import device_peak_flops
@@ -266,7 +265,7 @@ def main(argv=None) -> int:
         from megatron_plugin.runtime.cpu_mode import suspended
 
         with suspended():
-            hf = HFLlama(cfg, DTYPES[cfg.precision.dtype], device, fused_adamw=args.hf_optimizer == "fused")
+            hf = HFLlama(cfg, cfg.precision.torch_dtype, device, fused_adamw=args.hf_optimizer == "fused")
             hf_data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000)
 
             def theirs() -> tuple[float, float]:

@@ -18,11 +18,28 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message says which key to change and how."""
 
 
+DEFAULT_VOCAB_SIZE = 32000  # the seed's Llama-2-sized vocabulary; also what preprocessing trains by default
+
+
+# precision.dtype names (and the --dtype choices of export, generate and evaluate). The torch
+# dtypes come from `torch_dtype`, so that modules reading configs need not import torch.
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a precision.dtype name."""
+    import torch
+
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder. Defaults are the 1.2B model of the 8-GPU presets."""
 
-    vocab_size: int = 32000
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     hidden_size: int = 2048
     num_layers: int = 24
     num_attention_heads: int = 16
@@ -78,6 +95,10 @@ class PrecisionConfig:
     fp8_recipe: str = "tensorwise"
     # Keep FP8 copies of the weights and all-gather them in FP8 (distributed optimizer).
     fp8_param_gather: bool = True
+
+    @property
+    def torch_dtype(self):
+        return torch_dtype(self.dtype)
 
 
 @dataclass
@@ -178,6 +199,18 @@ class RunInfo:
 
 
 @dataclass
+class BuildConfig:
+    """What building the model reads: its shape, its split, its number format, and the
+    recompute and fusion choices. Precision has no default here: a build states it."""
+
+    model: ModelConfig
+    precision: PrecisionConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)  # recompute only
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+@dataclass
 class RunConfig:
     run: RunInfo = field(default_factory=RunInfo)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -194,6 +227,9 @@ class RunConfig:
     @property
     def run_dir(self) -> str:
         return self.run.dir or f"runs/{self.run.name}"
+
+    def build_config(self) -> BuildConfig:
+        return BuildConfig(self.model, self.precision, self.parallel, self.train, self.fusion)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

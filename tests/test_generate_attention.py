@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from megatron_plugin.config import PrecisionConfig
+from megatron_plugin.config import BuildConfig, PrecisionConfig
 from megatron_plugin.recipes.presets import tiny_model
 
 
@@ -37,7 +37,7 @@ def test_sdpa_attention_aligns_causal_mask_bottom_right(megatron_runtime, sq, sk
     from megatron_plugin.model import transformer_config
     from megatron_plugin.model.attention import SDPAttention
 
-    config = transformer_config(tiny_model(), precision=PrecisionConfig(dtype="fp32"))
+    config = transformer_config(BuildConfig(tiny_model(), PrecisionConfig(dtype="fp32")))
     core = SDPAttention(config, 1, AttnMaskType.causal, "self").eval()
     gen = torch.Generator().manual_seed(0)
     b = 2

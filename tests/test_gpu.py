@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_plugin.config import ParallelConfig, PrecisionConfig
+from megatron_plugin.config import BuildConfig, ParallelConfig, PrecisionConfig
 from megatron_plugin.recipes.presets import tiny_model
 
 pytestmark = pytest.mark.gpu
@@ -54,8 +54,8 @@ def test_te_spec_matches_local_spec_logits(gpu_runtime, tmp_path):
     precision = PrecisionConfig(dtype="bf16")
     local_cfg = type(model_cfg)(**{**model_cfg.__dict__, "transformer_impl": "local"})
     te_cfg = type(model_cfg)(**{**model_cfg.__dict__, "transformer_impl": "transformer_engine"})
-    local = build_gpt_model(local_cfg, precision=precision)
-    te = build_gpt_model(te_cfg, precision=precision)
+    local = build_gpt_model(BuildConfig(local_cfg, precision))
+    te = build_gpt_model(BuildConfig(te_cfg, precision))
     (tmp_path / "ckpt").mkdir()
     dist_checkpointing.save({"model": local.sharded_state_dict()}, str(tmp_path / "ckpt"))
     loaded = dist_checkpointing.load({"model": te.sharded_state_dict()}, str(tmp_path / "ckpt"))
@@ -73,7 +73,7 @@ def test_bf16_steps_lower_the_loss(gpu_runtime):
 
     model_cfg = tiny_model(vocab_size=256, seq=64)
     assert uses_transformer_engine(model_cfg)
-    model = build_gpt_model(model_cfg, precision=PrecisionConfig(dtype="bf16"))
+    model = build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="bf16")))
     losses = _train(model, *_batch(256))
     assert losses[-1] < 0.8 * losses[0]
 
@@ -88,8 +88,8 @@ def test_fp8_steps_stay_near_bf16(gpu_runtime):
     # FP8 GEMMs need dimensions divisible by 16: hidden 128, ffn 352, seq 64, batch 4 are.
     model_cfg = tiny_model(vocab_size=256, seq=64)
     seed_everything(5)
-    bf16 = _train(build_gpt_model(model_cfg, precision=PrecisionConfig(dtype="bf16")), *_batch(256))
+    bf16 = _train(build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="bf16"))), *_batch(256))
     seed_everything(5)
-    fp8 = _train(build_gpt_model(model_cfg, precision=PrecisionConfig(dtype="bf16", fp8="hybrid")), *_batch(256))
+    fp8 = _train(build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="bf16", fp8="hybrid"))), *_batch(256))
     assert fp8[-1] < fp8[0]
     assert abs(fp8[-1] - bf16[-1]) < 0.15 * bf16[-1]

@@ -16,7 +16,7 @@ from conftest import REPO
 
 
 def _te_kwargs(cfg):
-    return transformer_config_kwargs(cfg.model, cfg.parallel, cfg.precision, cfg.train, cfg.fusion, use_te=True)
+    return transformer_config_kwargs(cfg.build_config(), use_te=True)
 
 
 @pytest.mark.parametrize("name", ["production_8gpu", "fast_8gpu"])
@@ -64,7 +64,7 @@ def test_fusions_are_overridable_and_off_without_te():
     kwargs = _te_kwargs(cfg)
     assert not kwargs["apply_rope_fusion"] and not kwargs["cross_entropy_loss_fusion"]
     assert kwargs["cross_entropy_fusion_impl"] == "native" and kwargs["masked_softmax_fusion"]
-    local = transformer_config_kwargs(cfg.model, cfg.parallel, cfg.precision, cfg.train, cfg.fusion, use_te=False)
+    local = transformer_config_kwargs(cfg.build_config(), use_te=False)
     assert not any(local[k] for k in ("apply_rope_fusion", "masked_softmax_fusion", "cross_entropy_loss_fusion",
                                       "gradient_accumulation_fusion", "persist_layer_norm"))
     # SwiGLU goes through Megatron's bias_swiglu_impl on both specs (a CPU kernel on the local one)

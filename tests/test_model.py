@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_plugin.config import BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_plugin.model import flops_per_token, parameter_count
 from megatron_plugin.recipes.presets import llama_1b2, tiny_model
 
@@ -53,7 +53,7 @@ def test_padded_vocab_and_parameter_count_of_built_model(megatron_runtime):
 
     model_cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_attention_heads=4,
                             num_query_groups=2, ffn_hidden_size=160, max_seq_length=64)
-    model = build_gpt_model(model_cfg, precision=PrecisionConfig(dtype="fp32"))
+    model = build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="fp32")))
     built = sum(p.numel() for p in model.parameters())
     assert model_cfg.padded_vocab_size() == 1024
     assert built == parameter_count(model_cfg, padded_vocab=True)
@@ -64,7 +64,7 @@ def test_local_spec_uses_sdpa_attention(megatron_runtime):
     from megatron_plugin.model import build_gpt_model
     from megatron_plugin.model.attention import SDPAttention
 
-    model = build_gpt_model(tiny_model(), precision=PrecisionConfig(dtype="fp32"))
+    model = build_gpt_model(BuildConfig(tiny_model(), PrecisionConfig(dtype="fp32")))
     cores = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "softmax_scale")]
     assert cores and all(isinstance(m, SDPAttention) for m in cores)
 
@@ -77,7 +77,7 @@ def test_sdpa_attention_matches_megatron_dot_product_attention(megatron_runtime)
     from megatron_plugin.model import transformer_config
     from megatron_plugin.model.attention import SDPAttention
 
-    config = transformer_config(tiny_model(), precision=PrecisionConfig(dtype="fp32"))
+    config = transformer_config(BuildConfig(tiny_model(), PrecisionConfig(dtype="fp32")))
     ours = SDPAttention(config, 1, AttnMaskType.causal, "self")
     reference = DotProductAttention(config, 1, AttnMaskType.causal, "self")
     s, b = 16, 2
@@ -94,7 +94,7 @@ def test_tiny_model_trains_on_cpu(megatron_runtime):
 
     torch.manual_seed(0)
     model_cfg = tiny_model(vocab_size=256, seq=64)
-    model = build_gpt_model(model_cfg, precision=PrecisionConfig(dtype="fp32"))
+    model = build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="fp32")))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     # A learnable sequence: each token is the previous plus a small step.
     starts = torch.randint(0, 256, (8, 1))

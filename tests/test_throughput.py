@@ -180,12 +180,12 @@ def _RMSNormFunction_apply(x, w):
 
 
 def test_megatron_local_spec_uses_the_cpu_kernels(megatron_runtime):
-    from megatron_plugin.config import PrecisionConfig
+    from megatron_plugin.config import BuildConfig, PrecisionConfig
     from megatron_plugin.model import build_gpt_model
     from megatron_plugin.model.fused_ops import RMSNorm
     from megatron_plugin.recipes.presets import tiny_model
 
-    model = build_gpt_model(tiny_model(), precision=PrecisionConfig(dtype="fp32"))
+    model = build_gpt_model(BuildConfig(tiny_model(), PrecisionConfig(dtype="fp32")))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.RMSNorm)]
     assert norms and all(type(m) is RMSNorm for m in norms)
     assert model.config.bias_activation_fusion

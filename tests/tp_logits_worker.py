@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from megatron_plugin.config import ParallelConfig, PrecisionConfig
+from megatron_plugin.config import BuildConfig, ParallelConfig, PrecisionConfig
 from megatron_plugin.model import build_gpt_model
 from megatron_plugin.recipes.presets import tiny_model
 from megatron_plugin.runtime.distributed import init_distributed, shutdown
@@ -23,7 +23,7 @@ def main(mode: str, ckpt_dir: str, out: str) -> None:
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     init_distributed(ParallelConfig(tensor=tp), seed=7)
     model_cfg = tiny_model(vocab_size=500, seq=32)
-    model = build_gpt_model(model_cfg, ParallelConfig(tensor=tp), PrecisionConfig(dtype="fp32"))
+    model = build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="fp32"), ParallelConfig(tensor=tp)))
     if mode == "save":
         dist_checkpointing.save({"model": model.sharded_state_dict()}, ckpt_dir)
     else:

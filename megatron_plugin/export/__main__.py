@@ -14,11 +14,11 @@ import sys
 import time
 from typing import List, Optional
 
+from megatron_plugin.config import DTYPE_NAMES
 from megatron_plugin.errors import UserError, report_user_error
 from megatron_plugin.export.checkpoint import CheckpointError
 from megatron_plugin.export.to_hf import DEFAULT_MAX_SHARD_SIZE
 from megatron_plugin.export.verify import DEFAULT_TOLERANCE
-from megatron_plugin.model.build import DTYPES
 from megatron_plugin.runtime import expected_warnings
 
 logger = logging.getLogger("megatron_plugin.export")
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Llama folder to import")
     parser.add_argument("--output", required=True,
                         help="export: the new HF folder; import: RUN/checkpoints or RUN/checkpoints/iter_N")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES),
                         help="weights dtype (export default bf16; import default: the folder's)")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file, e.g. 2GB, 500MB (default %(default)s)")

@@ -19,21 +19,21 @@ from typing import Dict, Optional
 
 import torch
 
-from megatron_plugin.config import ParallelConfig, PrecisionConfig, RunConfig, RunInfo, validate_model
+from megatron_plugin.config import (DTYPE_NAMES, ParallelConfig, PrecisionConfig, RunConfig, RunInfo, torch_dtype,
+                                    validate_model)
 from megatron_plugin.export import mapping
 from megatron_plugin.export.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE
 from megatron_plugin.export.hf_config import UnsupportedModelError, from_hf_config
 from megatron_plugin.export.output_dir import check_output_free, staged_output
 from megatron_plugin.export.safetensors_writer import list_safetensors
 from megatron_plugin.export.to_hf import model_shapes
-from megatron_plugin.model.build import DTYPES
 from megatron_plugin.training.checkpoint import ITER_DIR, iter_dir_name, write_latest
 
 logger = logging.getLogger(__name__)
 
 # Buffers some older exports saved along with the weights; they are recomputed, never loaded.
 IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-_DTYPE_ARG = {dtype: name for name, dtype in DTYPES.items()}
+_DTYPE_ARG = {torch_dtype(name): name for name in DTYPE_NAMES}
 
 
 class HFWeights:

@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_plugin.config import BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig
 from megatron_plugin.export.checkpoint import process_group
 
 
@@ -40,11 +40,6 @@ def build_single_process_model(model: ModelConfig, padded_vocab_size: int, dtype
     from megatron_plugin.model.build import build_gpt_model
 
     shaped = dataclasses.replace(model, vocab_size=padded_vocab_size, make_vocab_size_divisible_by=1)
-    gpt = build_gpt_model(
-        shaped,
-        ParallelConfig(tensor=1, pipeline=1),
-        PrecisionConfig(dtype=dtype),
-        pre_process=True,
-        post_process=True,
-    )
+    build = BuildConfig(shaped, PrecisionConfig(dtype=dtype), ParallelConfig(tensor=1, pipeline=1))
+    gpt = build_gpt_model(build, pre_process=True, post_process=True)
     return gpt.eval()

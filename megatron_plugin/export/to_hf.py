@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from megatron_plugin.config import DTYPE_NAMES, torch_dtype
 from megatron_plugin.export import mapping
 from megatron_plugin.export.checkpoint import CheckpointError, MegatronCheckpoint, process_group
 from megatron_plugin.export.hf_config import generation_config, to_hf_config
@@ -24,7 +25,6 @@ from megatron_plugin.export.output_dir import staged_output
 from megatron_plugin.export.safetensors_writer import Entry, ShardedSafetensorsWriter, parse_size
 from megatron_plugin.export.tokenizer import special_ids, write_hf_tokenizer
 from megatron_plugin.errors import UserError
-from megatron_plugin.model.build import DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,9 @@ def export_checkpoint(
     """Export `checkpoint` (RUN/checkpoints or RUN/checkpoints/iter_N, any TP/PP/DP layout) to an
     HF LlamaForCausalLM folder at `output`. dtype: bf16 | fp16 | fp32. `tokenizer` overrides the
     checkpoint's own tokenizer.model. Returns the output path; on error nothing is left there."""
-    if dtype not in DTYPES:
-        raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    out_dtype = DTYPES[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
+    out_dtype = torch_dtype(dtype)
     output = Path(output)
     with process_group(), staged_output(output) as staging:
         ckpt = MegatronCheckpoint(checkpoint)

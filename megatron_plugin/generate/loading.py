@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from megatron_plugin.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_model
+from megatron_plugin.config import DTYPE_NAMES, BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig, validate_model
 from megatron_plugin.generate.errors import GenerateError
 from megatron_plugin.generate.tokenizer import Tokenizer
 
@@ -125,11 +125,11 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: Optional[str] = None) -> Load
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_plugin.export.checkpoint import MegatronCheckpoint, dcp_errors
-    from megatron_plugin.model.build import DTYPES, build_gpt_model
+    from megatron_plugin.model.build import build_gpt_model
 
     dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise GenerateError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise GenerateError(f"--dtype {dtype!r}: use one of {', '.join(DTYPE_NAMES)}")
     ckpt = MegatronCheckpoint(ckpt_dir)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -147,7 +147,7 @@ def load_model(ckpt_dir: str | os.PathLike, dtype: Optional[str] = None) -> Load
             f"{ckpt.dir}: {ckpt.model_config.num_layers} layers do not split over {pp} pipeline "
             "stages; pick a pipeline-parallel size that divides the layer count"
         )
-    gpt = build_gpt_model(shaped, ParallelConfig(tensor=tp, pipeline=pp), PrecisionConfig(dtype=dtype))
+    gpt = build_gpt_model(BuildConfig(shaped, PrecisionConfig(dtype=dtype), ParallelConfig(tensor=tp, pipeline=pp)))
     prefix = ckpt.key_prefix
     with dcp_errors(f"cannot load the model from {ckpt.dir}",
                     "; a data file is missing or damaged, use an earlier iter_N directory"):

@@ -8,12 +8,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megatron_plugin.config import FusionConfig, ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
+from megatron_plugin.config import BuildConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
-
-# precision.dtype and export --dtype names -> torch dtypes
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def transformer_engine_available() -> bool:
@@ -35,24 +32,14 @@ def uses_transformer_engine(model: ModelConfig) -> bool:
     return model.transformer_impl == "auto" and transformer_engine_available()
 
 
-def transformer_config_kwargs(
-    model: ModelConfig,
-    parallel: Optional[ParallelConfig] = None,
-    precision: Optional[PrecisionConfig] = None,
-    train: Optional[TrainConfig] = None,
-    fusion: Optional[FusionConfig] = None,
-    use_te: Optional[bool] = None,
-) -> dict:
+def transformer_config_kwargs(build: BuildConfig, use_te: Optional[bool] = None) -> dict:
     """The arguments of Megatron-Core's TransformerConfig for a Llama-style decoder. `use_te`
     (default: detected) says whether the Transformer Engine spec runs, which is what the fused
     kernels need; kept apart from the TransformerConfig so the mapping can be checked anywhere."""
-    parallel = parallel or ParallelConfig()
-    precision = precision or PrecisionConfig(dtype="fp32")
-    train = train or TrainConfig()
-    fusion = fusion or FusionConfig()
+    model, parallel, precision, fusion = build.model, build.parallel, build.precision, build.fusion
     if use_te is None:
         use_te = uses_transformer_engine(model)
-    recompute = train.recompute
+    recompute = build.train.recompute
     return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -73,8 +60,8 @@ def transformer_config_kwargs(
         pipeline_model_parallel_size=parallel.pipeline,
         context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,
-        params_dtype=DTYPES[precision.dtype],
-        pipeline_dtype=DTYPES[precision.dtype],
+        params_dtype=precision.torch_dtype,
+        pipeline_dtype=precision.torch_dtype,
         bf16=precision.dtype == "bf16",
         fp16=precision.dtype == "fp16",
         fp8=precision.fp8,
@@ -97,45 +84,34 @@ def transformer_config_kwargs(
     )
 
 
-def transformer_config(model: ModelConfig, parallel=None, precision=None, train=None, fusion=None,
-                       use_te: Optional[bool] = None):
+def transformer_config(build: BuildConfig, use_te: Optional[bool] = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(model, parallel, precision, train, fusion, use_te))
+    return TransformerConfig(**transformer_config_kwargs(build, use_te))
 
 
 def layer_spec(use_te: bool):
-    """TE's layer spec on CUDA with Transformer Engine; the local spec with SDPA otherwise."""
+    """TE's layer spec on CUDA with Transformer Engine; the local spec with SDPA otherwise (on
+    CPU, CPU mode routes its RoPE, SwiGLU and RMSNorm through model/fused_ops.py)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from megatron_plugin.model import fused_ops
     from megatron_plugin.model.attention import SDPAttention
 
-    # RoPE, SwiGLU and RMSNorm kernels for CPU tensors (CUDA tensors keep Megatron's own path).
-    fused_ops.install()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 
-def build_gpt_model(
-    model: ModelConfig,
-    parallel: Optional[ParallelConfig] = None,
-    precision: Optional[PrecisionConfig] = None,
-    train: Optional[TrainConfig] = None,
-    fusion: Optional[FusionConfig] = None,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-):
+def build_gpt_model(build: BuildConfig, pre_process: Optional[bool] = None, post_process: Optional[bool] = None):
     """Build this rank's part of the GPTModel (needs Megatron's parallel state initialised)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    parallel = parallel or ParallelConfig()
+    model, parallel = build.model, build.parallel
     use_te = uses_transformer_engine(model)  # one decision for the config's fusions and the layer spec
-    config = transformer_config(model, parallel, precision, train, fusion, use_te)
+    config = transformer_config(build, use_te)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:

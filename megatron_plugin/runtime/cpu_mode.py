@@ -30,6 +30,8 @@ Megatron-Core assumes CUDA in a handful of places. With CUDA absent we redirect 
    1.); the pipeline-parallel send / receive / broadcast helpers of
    `inference.communication_utils` assert `tensor.is_cuda` on what they pass between stages,
    which gloo passes as CPU tensors: the check becomes "a tensor is there".
+10. Megatron's RoPE, SwiGLU and torch RMSNorm of the local layer spec take the CPU kernels of
+   `megatron_plugin.model.fused_ops` for CPU tensors (`fused_ops.install`).
 
 Everything is switched on by `enable()` only when CUDA is absent, and only for the
 megatron-core versions listed in `TESTED_MEGATRON_CORE`.
@@ -242,6 +244,9 @@ def enable() -> bool:
         tp_layers.fused_weight_gradient_mlp_cuda = _CpuWgradAccumulation
         tp_layers._grad_accum_fusion_available = True
 
+    from megatron_plugin.model import fused_ops
+
+    fused_ops.install()
     _mode = _CudaToCpuMode()
     _mode.__enter__()
     _enabled = True

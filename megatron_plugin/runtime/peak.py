@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_plugin import config
+
 logger = logging.getLogger(__name__)
 
 # Dense peaks in FLOP/s (NVIDIA data sheets; SXM parts).
@@ -44,7 +46,6 @@ CACHE_FILE = "cpu_peak_flops.json"
 GEMM_SIZES = (1024, 2048)
 GEMM_ROUNDS = 3
 SECONDS_PER_GEMM = 0.3
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def gpu_kind(name: str) -> str | None:
@@ -80,7 +81,7 @@ def measure_cpu_matmul_peak(dtype: str = "fp32", sizes=GEMM_SIZES, rounds: int =
                             seconds_per_gemm: float = SECONDS_PER_GEMM) -> float:
     """FLOP/s of the fastest square matmul seen: every size in `sizes`, `rounds` times, each
     repeated for about `seconds_per_gemm` (at least twice), on torch's current threads."""
-    torch_dtype = TORCH_DTYPES.get(dtype, torch.float32)
+    torch_dtype = config.torch_dtype(dtype) if dtype in config.DTYPE_NAMES else torch.float32
     generator = torch.Generator().manual_seed(0)
     operands = {n: (torch.randn(n, n, generator=generator).to(torch_dtype),
                     torch.randn(n, n, generator=generator).to(torch_dtype)) for n in sizes}

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from megatron_plugin.config import RunConfig
 from megatron_plugin.model import build_gpt_model
-from megatron_plugin.model.build import DTYPES
 from megatron_plugin.runtime import cpu_mode
 
 
@@ -71,7 +70,7 @@ def optimizer_config_kwargs(cfg: RunConfig, data_parallel: int) -> dict:
         clip_grad=cfg.train.grad_clip,
         bf16=cfg.precision.dtype == "bf16",
         fp16=cfg.precision.dtype == "fp16",
-        params_dtype=DTYPES[cfg.precision.dtype],
+        params_dtype=cfg.precision.torch_dtype,
         use_distributed_optimizer=ddp["use_distributed_optimizer"],
         overlap_param_gather=ddp["overlap_param_gather"],
     )
@@ -84,7 +83,7 @@ def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    gpt = build_gpt_model(cfg.model, cfg.parallel, cfg.precision, cfg.train, cfg.fusion)
+    gpt = build_gpt_model(cfg.build_config())
     if cfg.precision.dtype in ("bf16", "fp16"):
         # Every parameter in half precision (modules such as torch's RMSNorm are built in fp32),
         # inputs cast on the first stage and logits back to fp32 on the last: what Megatron's
