@@ -186,7 +186,8 @@ class IndexedDatasetWriter:
 
     ``add_chunk(data, lengths)`` takes the concatenated tokens of several documents as bytes and the
     int32 token count of each document (0 for an empty document), which is what the encoder
-    workers produce; the writer does no per-token work.
+    workers produce; the writer does no per-token work. ``add_raw(src, nbytes, lengths)`` streams
+    token bytes from a file instead (how ``merge_datasets`` copies whole datasets).
     """
 
     def __init__(self, prefix: str, dtype: np.dtype, tmp_suffix: Optional[str] = None) -> None:
@@ -216,6 +217,24 @@ class IndexedDatasetWriter:
         self._lens.write(lengths.tobytes())
         self.documents += int(lengths.size)
         self.bin_bytes += len(data)
+
+    def add_raw(self, src: BinaryIO, nbytes: int, lengths: np.ndarray) -> None:
+        """Append ``nbytes`` of token bytes read from ``src`` (another dataset's ``.bin``, in this
+        dtype) and the token count of each document they hold, without holding them in memory."""
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if int(lengths.sum(dtype=np.int64)) * self.dtype.itemsize != nbytes:
+            raise ValueError("token bytes and document lengths disagree")
+        left = nbytes
+        while left:
+            buf = src.read(min(left, 1 << 24))
+            if not buf:
+                raise ValueError(f"{getattr(src, 'name', 'input')}: ends early")
+            self._bin.write(buf)
+            self._bin_hash.update(buf)
+            self.bin_bytes += len(buf)
+            left -= len(buf)
+        self._lens.write(lengths.tobytes())
+        self.documents += int(lengths.size)
 
     def add_document(self, tokens: Sequence[int]) -> None:
         arr = np.asarray(tokens, dtype=self.dtype)
@@ -328,26 +347,11 @@ def merge_datasets(prefixes: Iterable[str], output_prefix: str) -> WrittenDatase
                     seq_lens = np.asarray(lengths[seq_lo:seq_hi]).astype(np.int64)
                     csum = np.concatenate([[0], np.cumsum(seq_lens)])
                     doc_lens = (csum[d[1:] - seq_lo] - csum[d[:-1] - seq_lo]).astype(np.int32)
-                    nbytes = int(csum[-1]) * writer.dtype.itemsize
-                    _copy_bytes(src, writer, nbytes)
-                    writer._lens.write(doc_lens.tobytes())
-                    writer.documents += int(doc_lens.size)
+                    writer.add_raw(src, int(csum[-1]) * writer.dtype.itemsize, doc_lens)
         return writer.finalize()
     except BaseException:
         writer.abort()
         raise
-
-
-def _copy_bytes(src: BinaryIO, writer: IndexedDatasetWriter, nbytes: int) -> None:
-    left = nbytes
-    while left:
-        buf = src.read(min(left, 1 << 24))
-        if not buf:
-            raise ValueError(f"{src.name}: ends early")
-        writer._bin.write(buf)
-        writer._bin_hash.update(buf)
-        writer.bin_bytes += len(buf)
-        left -= len(buf)
 
 
 def remove_dataset(prefix: str) -> None:

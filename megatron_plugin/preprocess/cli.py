@@ -7,34 +7,53 @@ Megatron-LM's ``tools/preprocess_data.py`` (``--input``, ``--output-prefix``, ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
 from megatron_plugin.errors import UserError, report_user_error
 
 from .errors import PreprocessError
+from .pipeline import PreprocessOptions, preprocess, train_tokenizer
+from .readers import TEXT_UNITS
+from .tokenizer import NORMALIZATIONS
 
 SUBCOMMANDS = ("encode", "train-tokenizer", "merge", "inspect")
 SP_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
+# The encode flags' argparse dests are PreprocessOptions field names, so the parsed arguments
+# become the options as they are and every default is the dataclass's own.
+OPTION_FIELDS = {f.name: f for f in dataclasses.fields(PreprocessOptions)}
+
+
+def _default(name: str):
+    return OPTION_FIELDS[name].default
 
 
 def _add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True,
+    p.add_argument("--input", dest="inputs", metavar="INPUT", nargs="+", required=True,
                    help="files, directories or globs: .jsonl/.json(.gz/.zst), .parquet, .txt")
-    p.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="field(s) holding the text (JSONL keys or Parquet columns); default: text")
-    p.add_argument("--text-unit", choices=("line", "paragraph", "file"), default="line",
-                   help="what one document is in .txt inputs (default: line)")
-    p.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                   help="bad records: stop naming file and line (default), or skip and count them")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-keys", nargs="+", default=list(_default("json_keys")),
+                   help="field(s) holding the text (JSONL keys or Parquet columns); "
+                        f"default: {' '.join(_default('json_keys'))}")
+    p.add_argument("--text-unit", choices=TEXT_UNITS, default=_default("text_unit"),
+                   help="what one document is in .txt inputs (default: %(default)s)")
+    p.add_argument("--on-error", choices=("stop", "skip"), default=_default("on_error"),
+                   help="bad records: stop naming file and line, or skip and count them (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=_default("workers"),
+                   help="worker processes (default %(default)s: all cores)")
+    p.add_argument("--seed", type=int, default=_default("seed"))
 
 
-def _add_normalization_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--normalization", choices=("identity", "nmt_nfkc"), default="identity",
-                   help="of a trained tokenizer: identity (default; Llama 2 settings, newlines, indentation and "
-                        "repeated spaces kept) or nmt_nfkc (SentencePiece's default: NFKC, whitespace collapsed)")
+def _add_tokenizer_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-size", type=int, default=_default("vocab_size"),
+                   help="pieces of a trained tokenizer (default %(default)s)")
+    p.add_argument("--tokenizer-sample", type=int, default=_default("tokenizer_sample"),
+                   help="lines of text sampled (reservoir) to train the tokenizer "
+                        f"(default {_default('tokenizer_sample'):,})")
+    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), default=_default("normalization"),
+                   help="of a trained tokenizer: identity (Llama 2 settings, newlines, indentation and repeated "
+                        "spaces kept) or nmt_nfkc (SentencePiece's default: NFKC, whitespace collapsed); "
+                        "default: %(default)s")
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
@@ -55,9 +74,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                                     description="Train a BPE SentencePiece model on a bounded sample.")
         _add_input_args(p)
         p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-        p.add_argument("--vocab-size", type=int, default=32000)
-        p.add_argument("--tokenizer-sample", type=int, default=1_000_000, help="lines sampled (default 1M)")
-        _add_normalization_arg(p)
+        _add_tokenizer_training_args(p)
         return p
     p = argparse.ArgumentParser(
         prog=prog,
@@ -68,30 +85,34 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
     _add_input_args(p)
     p.add_argument("--output-prefix", required=True,
                    help="writes {prefix}_{key}_document.bin/.idx/.json, as Megatron-LM does")
-    p.add_argument("--tokenizer-model", default=None, help="SentencePiece .model to use (or to write with --train-tokenizer)")
+    p.add_argument("--tokenizer-model", default=_default("tokenizer_model"),
+                   help="SentencePiece .model to use (or to write with --train-tokenizer)")
     p.add_argument("--tokenizer-type", default="GPTSentencePieceTokenizer",
                    help="accepted for Megatron-LM compatibility; only SentencePiece types are supported")
-    p.add_argument("--train-tokenizer", action="store_true",
+    p.add_argument("--train-tokenizer", action="store_true", default=_default("train_tokenizer"),
                    help="train a BPE model (byte fallback, --normalization) on a sample of the input, written as PREFIX.model")
-    p.add_argument("--vocab-size", type=int, default=32000)
-    p.add_argument("--tokenizer-sample", type=int, default=1_000_000,
-                   help="lines of text sampled (reservoir) to train the tokenizer (default 1M)")
-    _add_normalization_arg(p)
-    p.add_argument("--append-eod", action="store_true", help="append the eos id after each non-empty document")
-    p.add_argument("--empty-documents", choices=("keep", "skip", "error"), default="keep",
-                   help="documents with no tokens: keep as Megatron-LM does (default), skip, or stop")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
+    _add_tokenizer_training_args(p)
+    p.add_argument("--append-eod", action="store_true", default=_default("append_eod"),
+                   help="append the eos id after each non-empty document")
+    p.add_argument("--empty-documents", choices=("keep", "skip", "error"), default=_default("empty_documents"),
+                   help="documents with no tokens: keep as Megatron-LM does, skip, or stop (default: %(default)s)")
+    p.add_argument("--verify", type=int, default=_default("verify"), metavar="N",
                    help="re-encode N random documents with plain SentencePiece; fail on any difference")
-    p.add_argument("--num-shards", type=int, default=1, help="split the input files into N deterministic shards")
-    p.add_argument("--shard-index", type=int, default=None,
+    p.add_argument("--num-shards", type=int, default=_default("num_shards"),
+                   help="split the input files into N deterministic shards")
+    p.add_argument("--shard-index", type=int, default=_default("shard_index"),
                    help="process only this shard (0-based) into its own prefix; without it, all shards "
                         "run here one after another (each resumable) and are merged")
-    p.add_argument("--encoder", choices=("auto", "plain"), default="auto",
+    p.add_argument("--encoder", choices=("auto", "plain"), default=_default("encoder"),
                    help="auto: per-word cache where exact for the model, else plain; plain: always plain SentencePiece")
-    p.add_argument("--cache-words", type=int, default=None, help="per-worker word cache size (entries per generation)")
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20, help="input bytes per work item (default 1 MiB)")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs that are already complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--cache-words", type=int, default=_default("cache_words"),
+                   help="per-worker word cache size (entries per generation; default %(default)s)")
+    p.add_argument("--chunk-bytes", type=int, default=_default("chunk_bytes"),
+                   help=f"input bytes per work item (default {_default('chunk_bytes'):,})")
+    p.add_argument("--overwrite", action="store_true", default=_default("overwrite"),
+                   help="redo outputs that are already complete")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=_default("progress"),
+                   help="no progress bar")
     return p
 
 
@@ -127,30 +148,21 @@ def _run(cmd: str, args: argparse.Namespace) -> int:
         print(mf.summary_line(m), file=sys.stderr)
         return 0
     if cmd == "train-tokenizer":
-        from .pipeline import train_tokenizer
-
-        path = train_tokenizer(args.input, args.model_prefix, vocab_size=args.vocab_size,
+        path = train_tokenizer(args.inputs, args.model_prefix, vocab_size=args.vocab_size,
                                json_keys=args.json_keys, sample_lines=args.tokenizer_sample,
                                text_unit=args.text_unit, seed=args.seed, workers=args.workers,
                                normalization=args.normalization)
         print(path)
         return 0
-    from .encoder import DEFAULT_CACHE_WORDS
-    from .pipeline import PreprocessOptions, preprocess
-
     if args.tokenizer_type not in SP_TYPES:
         raise PreprocessError(f"--tokenizer-type {args.tokenizer_type}: only SentencePiece models are supported "
                               f"({', '.join(SP_TYPES)})")
-    opts = PreprocessOptions(
-        inputs=args.input, output_prefix=args.output_prefix, tokenizer_model=args.tokenizer_model,
-        train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size, tokenizer_sample=args.tokenizer_sample,
-        normalization=args.normalization,
-        json_keys=tuple(args.json_keys), append_eod=args.append_eod, workers=args.workers,
-        text_unit=args.text_unit, on_error=args.on_error, empty_documents=args.empty_documents,
-        verify=args.verify, num_shards=args.num_shards, shard_index=args.shard_index,
-        chunk_bytes=args.chunk_bytes, cache_words=args.cache_words or DEFAULT_CACHE_WORDS,
-        encoder=args.encoder, overwrite=args.overwrite, progress=not args.no_progress, seed=args.seed,
-    )
+    values = {k: v for k, v in vars(args).items() if k in OPTION_FIELDS}
+    opts = PreprocessOptions(**{
+        **values,
+        "json_keys": tuple(args.json_keys),
+        "cache_words": args.cache_words or _default("cache_words"),  # --cache-words 0 has always meant the default
+    })
     if not args.append_eod:
         # As Megatron-LM's tool does; for pretraining data it is almost always a mistake.
         print("warning: no --append-eod: documents are written without an end-of-document token, so a "

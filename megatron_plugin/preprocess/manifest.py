@@ -10,9 +10,11 @@ import json
 import os
 import platform
 import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from megatron_plugin.data.indexed import check_dataset, idx_path, bin_path
+from megatron_plugin.data.indexed import WrittenDataset, bin_path, check_dataset, idx_path
 
 from .tokenizer import file_sha256
 
@@ -95,3 +97,92 @@ def summary_line(m: dict) -> str:
 
 def base_manifest() -> dict[str, Any]:
     return {"format": FORMAT, "complete": False, "versions": versions(), "argv": sys.argv}
+
+
+@dataclass
+class DocumentCounts:
+    """The manifest's ``documents`` section; a chunk's counts add up to a run's, a run's to a merge's."""
+
+    read: int = 0
+    written: int = 0
+    empty: int = 0
+    blank_lines_ignored: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> records
+
+    def add(self, other: "DocumentCounts") -> "DocumentCounts":
+        self.read += other.read
+        self.written += other.written
+        self.empty += other.empty
+        self.blank_lines_ignored += other.blank_lines_ignored
+        self.skipped.update(other.skipped)
+        return self
+
+    def __add__(self, other: "DocumentCounts") -> "DocumentCounts":
+        return DocumentCounts().add(self).add(other)
+
+    def as_dict(self) -> dict:
+        return {
+            "read": self.read,
+            "written": self.written,
+            "empty": self.empty,
+            "skipped": dict(sorted(self.skipped.items())),
+            "blank_lines_ignored": self.blank_lines_ignored,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DocumentCounts":
+        return cls(read=d.get("read", 0), written=d.get("written", 0), empty=d.get("empty", 0),
+                   blank_lines_ignored=d.get("blank_lines_ignored", 0), skipped=Counter(d.get("skipped", {})))
+
+
+def throughput_section(tokens: int, documents: int, input_bytes: int, duration_s: float, workers: int) -> dict:
+    d = max(duration_s, 1e-9)
+    return {
+        "tokens_per_s": round(tokens / d, 1),
+        "tokens_per_s_per_worker": round(tokens / d / workers, 1),
+        "documents_per_s": round(documents / d, 1),
+        "input_mb_per_s": round(input_bytes / 1e6 / d, 2),
+    }
+
+
+@dataclass
+class Manifest:
+    """A finished dataset's manifest, as an encoding run or a merge writes it."""
+
+    output: WrittenDataset
+    fingerprint: Optional[str]  # None for a merge: it is not resumed, its parts are
+    inputs: list  # InputFile.as_dict() of every input file
+    documents: DocumentCounts
+    tokenizer: Optional[dict]
+    options: Optional[dict]
+    duration_s: float
+    throughput: dict
+    encoder: Optional[dict] = None  # which encoding path ran and why; a merge ran none
+    merged_from: Optional[list] = None  # absolute prefixes of a merge's parts
+
+    def to_dict(self) -> dict[str, Any]:
+        m = base_manifest()
+        m.update({
+            "complete": True,
+            "fingerprint": self.fingerprint,
+            "output": asdict(self.output),
+            "tokens": self.output.tokens,
+            "inputs": self.inputs,
+            "input_bytes": sum(i.get("bytes", 0) for i in self.inputs),
+            "documents": self.documents.as_dict(),
+            "tokenizer": self.tokenizer,
+        })
+        if self.encoder is not None:
+            m["encoder"] = self.encoder
+        m["options"] = self.options
+        if self.merged_from is not None:
+            m["merged_from"] = self.merged_from
+        m["duration_s"] = round(self.duration_s, 3)
+        m["throughput"] = self.throughput
+        return m
+
+    def write(self, prefix: str) -> dict[str, Any]:
+        """Write ``prefix.json``; returns the manifest as written."""
+        m = self.to_dict()
+        write_manifest(prefix, m)
+        return m

@@ -4,8 +4,6 @@ from __future__ import annotations
 import glob
 import os
 import time
-from collections import Counter
-from dataclasses import asdict
 from typing import Sequence
 
 from megatron_plugin.data.indexed import merge_datasets
@@ -44,32 +42,17 @@ def merge_prefixes(prefixes: Sequence[str], output_prefix: str) -> dict:
         ds = merge_datasets(prefixes, output_prefix)
     except ValueError as exc:
         raise PreprocessError(f"merge failed: {exc}") from exc
-    docs = Counter()
-    skipped: Counter = Counter()
-    inputs = []
-    for m in parts:
-        if not m:
-            continue
-        for k in ("read", "written", "empty", "blank_lines_ignored"):
-            docs[k] += m["documents"].get(k, 0)
-        skipped.update(m["documents"].get("skipped", {}))
-        inputs.extend(m.get("inputs", []))
-    m = mf.base_manifest()
-    first = next((p for p in parts if p), {})
-    m.update({
-        "complete": True,
-        "fingerprint": None,
-        "output": asdict(ds),
-        "tokens": ds.tokens,
-        "inputs": inputs,
-        "input_bytes": sum(i.get("bytes", 0) for i in inputs),
-        "documents": {**{k: docs[k] for k in ("read", "written", "empty", "blank_lines_ignored")},
-                      "skipped": dict(sorted(skipped.items()))},
-        "tokenizer": first.get("tokenizer"),
-        "options": first.get("options"),
-        "merged_from": [os.path.abspath(p) for p in prefixes],
-        "duration_s": round(time.time() - t0, 3),
-        "throughput": {},
-    })
-    mf.write_manifest(output_prefix, m)
-    return m
+    present = [m for m in parts if m]
+    documents = sum((mf.DocumentCounts.from_dict(m["documents"]) for m in present), mf.DocumentCounts())
+    first = present[0] if present else {}
+    return mf.Manifest(
+        output=ds,
+        fingerprint=None,
+        inputs=[i for m in present for i in m.get("inputs", [])],
+        documents=documents,
+        tokenizer=first.get("tokenizer"),
+        options=first.get("options"),
+        merged_from=[os.path.abspath(p) for p in prefixes],
+        duration_s=time.time() - t0,
+        throughput={},
+    ).write(output_prefix)

@@ -5,7 +5,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Optional, Sequence
 
@@ -34,9 +34,10 @@ class PreprocessOptions:
     output_prefix: str
     tokenizer_model: Optional[str] = None
     train_tokenizer: bool = False
-    vocab_size: int = 32000
-    tokenizer_sample: int = 1_000_000  # lines of text sampled for tokenizer training
-    normalization: str = "identity"  # of a trained tokenizer: "identity" (layout kept) | "nmt_nfkc"
+    # Tokenizer training defaults are the trainer's own (a dataclass field's class attribute is its default).
+    vocab_size: int = TrainerOptions.vocab_size
+    tokenizer_sample: int = TrainerOptions.sample_sentences  # lines of text sampled for tokenizer training
+    normalization: str = TrainerOptions.normalization  # "identity" (layout kept) | "nmt_nfkc"
     json_keys: tuple = ("text",)
     append_eod: bool = False
     workers: int = 0  # 0: all cores
@@ -51,7 +52,7 @@ class PreprocessOptions:
     encoder: str = "auto"  # "auto" (per-word cache where exact) | "plain"
     overwrite: bool = False
     progress: bool = True
-    seed: int = 0
+    seed: int = TrainerOptions.seed
 
     def output_options(self) -> dict:
         """Options that change the output bytes (part of the resume fingerprint)."""
@@ -92,6 +93,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _input_records(files: Sequence[InputFile]) -> list:
+    return [[f.path, f.size, f.mtime_ns] for f in files]
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -116,7 +121,7 @@ def ensure_tokenizer(files: Sequence[InputFile], opts: PreprocessOptions) -> str
     trainer = TrainerOptions(vocab_size=opts.vocab_size, sample_sentences=opts.tokenizer_sample,
                              normalization=opts.normalization, seed=opts.seed,
                              threads=opts.workers or default_workers())
-    key = mf.fingerprint([[f.path, f.size, f.mtime_ns] for f in files], "",
+    key = mf.fingerprint(_input_records(files), "",
                          {"trainer": asdict(trainer), **opts.output_options()})
     stamp = model_prefix + ".tokenizer.json"
     if os.path.exists(model) and not opts.overwrite:
@@ -143,13 +148,13 @@ def ensure_tokenizer(files: Sequence[InputFile], opts: PreprocessOptions) -> str
 def train_tokenizer(
     inputs: Sequence[str],
     model_prefix: str,
-    vocab_size: int = 32000,
-    json_keys: Sequence[str] = ("text",),
-    sample_lines: int = 1_000_000,
-    text_unit: str = "line",
-    seed: int = 0,
-    workers: int = 0,
-    normalization: str = "identity",
+    vocab_size: int = PreprocessOptions.vocab_size,
+    json_keys: Sequence[str] = PreprocessOptions.json_keys,
+    sample_lines: int = PreprocessOptions.tokenizer_sample,
+    text_unit: str = PreprocessOptions.text_unit,
+    seed: int = PreprocessOptions.seed,
+    workers: int = PreprocessOptions.workers,
+    normalization: str = PreprocessOptions.normalization,
     **trainer_extra,
 ) -> str:
     """Train a BPE SentencePiece model (byte fallback) on a bounded sample; returns ``PREFIX.model``.
@@ -174,13 +179,30 @@ def train_tokenizer(
 # Encoding
 
 
-def _progress(total: Optional[int], enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
+class _Progress:
+    """The tqdm bar over input bytes, or nothing without ``progress``."""
 
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                dynamic_ncols=True, smoothing=0.1, mininterval=0.5, file=sys.stderr)
+    def __init__(self, total: Optional[int], enabled: bool, desc: str, t0: float) -> None:
+        self.t0 = t0
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                            dynamic_ncols=True, smoothing=0.1, mininterval=0.5, file=sys.stderr)
+
+    def update(self, raw_bytes: int, tally: "_Tally") -> None:
+        if self.bar is None:
+            return
+        self.bar.update(raw_bytes)
+        el = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{tally.documents.written:,} docs, {tally.tokens / el / 1e6:.2f}M tok/s",
+                                 refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _with_verify(chunks: Iterator[Chunk], n: int, total_bytes: int) -> Iterator[Chunk]:
@@ -229,121 +251,134 @@ def _ordered_results(chunks: Iterator[Chunk], workers: int, cfg: WorkerConfig) -
         pool.join()
 
 
-def _encode_files(
-    files: Sequence[InputFile],
-    prefixes: dict,
-    info: TokenizerInfo,
-    opts: PreprocessOptions,
-    fp: str,
-    desc: str,
-) -> dict:
-    workers = opts.workers or default_workers()
-    dtype = optimal_dtype(info.vocab_size)
-    eod = require_eod(info) if opts.append_eod else -1
+@dataclass
+class _Tally:
+    """What the chunk results of one run add up to."""
+
+    documents: mf.DocumentCounts = field(default_factory=mf.DocumentCounts)
+    tokens: int = 0  # of the first key; for the progress bar
+    verified: int = 0
+    lookups: int = 0
+    misses: int = 0
+
+    def add(self, res: ChunkResult, itemsize: int) -> None:
+        self.documents.add(res.documents)
+        self.tokens += len(res.data[0]) // itemsize
+        self.verified += res.verified
+        self.lookups += res.lookups
+        self.misses += res.misses
+
+    @property
+    def cache_hit_rate(self) -> Optional[float]:
+        return round(1 - self.misses / self.lookups, 4) if self.lookups else None
+
+
+def _encoding_plan(info: TokenizerInfo, opts: PreprocessOptions) -> EncodingPlan:
     plan = plan_encoding(info.spec)
     if opts.encoder == "plain":
-        plan = EncodingPlan("plain", f"--encoder plain (auto would use: {plan.label}; {plan.why})")
-    elif plan.mode == "words":
-        plan = replace(plan, separators=word_separators(info.path, info.sha256, info.spec.normalization,
+        return EncodingPlan("plain", f"--encoder plain (auto would use: {plan.label}; {plan.why})")
+    if plan.mode == "words":
+        return replace(plan, separators=word_separators(info.path, info.sha256, info.spec.normalization,
                                                         info.spec.has_rule_tsv))
-    why = plan.why
-    cfg = WorkerConfig(
-        model_path=info.path, keys=tuple(opts.json_keys), dtype=str(dtype), append_eod=opts.append_eod,
-        eod_id=eod, empty_documents=opts.empty_documents, plan=plan, cache_words=opts.cache_words,
+    return plan
+
+
+def _worker_config(info: TokenizerInfo, opts: PreprocessOptions, plan: EncodingPlan) -> WorkerConfig:
+    return WorkerConfig(
+        model_path=info.path, keys=tuple(opts.json_keys), dtype=str(optimal_dtype(info.vocab_size)),
+        append_eod=opts.append_eod, eod_id=require_eod(info) if opts.append_eod else -1,
+        empty_documents=opts.empty_documents, plan=plan, cache_words=opts.cache_words,
     )
-    t0 = time.time()
-    bad_files: list = []
-    if opts.on_error != "skip":
-        unreadable = check_readable(files)
-        if unreadable:
-            raise PreprocessError(unreadable[0].message() + "; fix the permissions or " + HOW_TO_SKIP)
+
+
+def _require_readable(files: Sequence[InputFile], opts: PreprocessOptions) -> None:
+    """Without ``--on-error skip``, fail on an unreadable file before any encoding work."""
+    if opts.on_error == "skip":
+        return
+    unreadable = check_readable(files)
+    if unreadable:
+        raise PreprocessError(unreadable[0].message() + "; fix the permissions or " + HOW_TO_SKIP)
+
+
+def _check_chunk(res: ChunkResult, opts: PreprocessOptions, why: str) -> None:
+    """Stop on the chunk's first record that the options make fatal, or on a --verify difference."""
+    for rec in res.bad:  # in input order: the first fatal record stops the run
+        if rec.reason == EMPTY:
+            if opts.empty_documents == "error":
+                raise PreprocessError(rec.message() + " (--empty-documents error)")
+        elif opts.on_error != "skip":
+            raise PreprocessError(rec.message() + "; " + HOW_TO_SKIP)
+    if res.mismatches:
+        raise PreprocessError(
+            "--verify found a difference from plain SentencePiece encoding: " + res.mismatches[0]
+            + f"; rerun with --encoder plain (encoder in use: {why})"
+        )
+
+
+def _write_datasets(files: Sequence[InputFile], prefixes: dict, cfg: WorkerConfig, workers: int,
+                    opts: PreprocessOptions, desc: str, t0: float) -> tuple[dict, _Tally]:
+    """Encode every chunk, in input order, into one writer per key; returns (key -> WrittenDataset,
+    tally). On any failure the writers are aborted, so no final name is touched."""
+    itemsize = np.dtype(cfg.dtype).itemsize
     total_bytes = sum(f.size for f in files)
-    writers = {k: IndexedDatasetWriter(p, dtype) for k, p in prefixes.items()}
-    bar = _progress(total_bytes or None, opts.progress, desc)
-    stats = Counter()
-    skipped: Counter = Counter()
-    mismatches: list = []
+    writers = {k: IndexedDatasetWriter(p, cfg.dtype) for k, p in prefixes.items()}
+    bar = _Progress(total_bytes or None, opts.progress, desc, t0)
+    tally = _Tally()
+    bad_files: list = []
     try:
         chunks = _with_verify(iter_chunks(files, opts.chunk_bytes, opts.text_unit, opts.on_error, bad_files),
                               opts.verify, total_bytes)
-        tokens = 0
         for res in _ordered_results(chunks, workers, cfg):
-            for rec in res.bad:  # in input order: the first fatal record stops the run
-                if rec.reason == EMPTY:
-                    if opts.empty_documents == "error":
-                        raise PreprocessError(rec.message() + " (--empty-documents error)")
-                elif opts.on_error != "skip":
-                    raise PreprocessError(rec.message() + "; " + HOW_TO_SKIP)
-            if res.mismatches:
-                mismatches.extend(res.mismatches)
-                raise PreprocessError(
-                    "--verify found a difference from plain SentencePiece encoding: " + res.mismatches[0]
-                    + f"; rerun with --encoder plain (encoder in use: {why})"
-                )
+            _check_chunk(res, opts, cfg.plan.why)
             for k, key in enumerate(opts.json_keys):
                 writers[key].add_chunk(res.data[k], res.lengths[k])
-            tokens += len(res.data[0]) // dtype.itemsize
-            for name in ("docs_read", "docs_written", "empty", "blank_lines", "verified", "lookups", "misses"):
-                stats[name] += getattr(res, name)
-            skipped.update(res.skipped)
-            if bar is not None:
-                bar.update(res.raw_bytes)
-                el = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{stats['docs_written']:,} docs, {tokens / el / 1e6:.2f}M tok/s", refresh=False)
-        if bar is not None:
-            bar.close()
-            bar = None
+            tally.add(res, itemsize)
+            bar.update(res.raw_bytes, tally)
+        bar.close()
         written = {k: w.finalize() for k, w in writers.items()}
     except BaseException:
-        if bar is not None:
-            bar.close()
+        bar.close()
         for w in writers.values():
             if not w.closed:
                 w.abort()
         raise
-    for rec in bad_files:
-        skipped[rec.reason] += 1
-    duration = time.time() - t0
+    for rec in bad_files:  # files skipped whole under --on-error skip
+        tally.documents.skipped[rec.reason] += 1
+    return written, tally
+
+
+def _write_manifests(files: Sequence[InputFile], prefixes: dict, written: dict, tally: _Tally,
+                     info: TokenizerInfo, plan: EncodingPlan, workers: int, opts: PreprocessOptions,
+                     fp: str, duration: float) -> dict:
+    total_bytes = sum(f.size for f in files)
     manifests = {}
     for key, ds in written.items():
-        m = mf.base_manifest()
-        m.update({
-            "complete": True,
-            "fingerprint": fp,
-            "output": asdict(ds),
-            "tokens": ds.tokens,
-            "inputs": [f.as_dict() for f in files],
-            "input_bytes": total_bytes,
-            "documents": {
-                "read": stats["docs_read"],
-                "written": stats["docs_written"],
-                "empty": stats["empty"],
-                "skipped": dict(sorted(skipped.items())),
-                "blank_lines_ignored": stats["blank_lines"],
-            },
-            "tokenizer": info.as_dict(),
-            "encoder": {"mode": plan.label,
-                        "why": why,
-                        "cache_words": opts.cache_words,
-                        "cache_hit_rate": round(1 - stats["misses"] / stats["lookups"], 4) if stats["lookups"] else None,
-                        "verified_documents": stats["verified"]},
-            "options": {**opts.output_options(), "workers": workers, "num_shards": opts.num_shards,
-                        "shard_index": opts.shard_index, "verify": opts.verify, "json_key": key},
-            "duration_s": round(duration, 3),
-            "throughput": {
-                "tokens_per_s": round(ds.tokens / max(duration, 1e-9), 1),
-                "tokens_per_s_per_worker": round(ds.tokens / max(duration, 1e-9) / workers, 1),
-                "documents_per_s": round(stats["docs_written"] / max(duration, 1e-9), 1),
-                "input_mb_per_s": round(total_bytes / 1e6 / max(duration, 1e-9), 2),
-            },
-        })
-        mf.write_manifest(prefixes[key], m)
-        manifests[key] = m
+        manifests[key] = mf.Manifest(
+            output=ds,
+            fingerprint=fp,
+            inputs=[f.as_dict() for f in files],
+            documents=tally.documents,
+            tokenizer=info.as_dict(),
+            encoder={"mode": plan.label, "why": plan.why, "cache_words": opts.cache_words,
+                     "cache_hit_rate": tally.cache_hit_rate, "verified_documents": tally.verified},
+            options={**opts.output_options(), "workers": workers, "num_shards": opts.num_shards,
+                     "shard_index": opts.shard_index, "verify": opts.verify, "json_key": key},
+            duration_s=duration,
+            throughput=mf.throughput_section(ds.tokens, tally.documents.written, total_bytes, duration, workers),
+        ).write(prefixes[key])
     return manifests
 
 
-def _input_records(files: Sequence[InputFile]) -> list:
-    return [[f.path, f.size, f.mtime_ns] for f in files]
+def _encode_files(files: Sequence[InputFile], prefixes: dict, info: TokenizerInfo, opts: PreprocessOptions,
+                  fp: str, desc: str) -> dict:
+    """Encode ``files`` into the datasets ``prefixes`` (one per key) and write their manifests."""
+    workers = opts.workers or default_workers()
+    plan = _encoding_plan(info, opts)
+    cfg = _worker_config(info, opts, plan)
+    t0 = time.time()
+    _require_readable(files, opts)
+    written, tally = _write_datasets(files, prefixes, cfg, workers, opts, desc, t0)
+    return _write_manifests(files, prefixes, written, tally, info, plan, workers, opts, fp, time.time() - t0)
 
 
 def _run_one(files: Sequence[InputFile], prefixes: dict, info: TokenizerInfo, opts: PreprocessOptions,
@@ -417,10 +452,10 @@ def preprocess_files(
     tokenizer_model: Optional[str] = None,
     *,
     train_tokenizer: bool = False,
-    vocab_size: int = 32000,
-    json_keys: Sequence[str] = ("text",),
+    vocab_size: int = PreprocessOptions.vocab_size,
+    json_keys: Sequence[str] = PreprocessOptions.json_keys,
     append_eod: bool = True,
-    workers: int = 0,
+    workers: int = PreprocessOptions.workers,
     progress: bool = False,
     **options,
 ) -> PreprocessResult:

@@ -135,7 +135,7 @@ class Chunk:
     first_line: int  # 1-based line (or row) number of the first record
     payload: object  # bytes for jsonl/text, a pyarrow RecordBatch for parquet
     raw_bytes: int  # input bytes this chunk accounts for (for progress and --verify spread)
-    unit: str = "line"
+    unit: str  # --text-unit (what a document is in a text file)
     file_start: bool = False
     verify: int = 0  # how many of its documents to re-encode with plain SentencePiece
 

@@ -9,6 +9,8 @@ from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
+from megatron_plugin.config import DEFAULT_VOCAB_SIZE
+
 from .errors import PreprocessError
 
 # SentencePiece skips training sentences longer than this (bytes); we cut long lines to fit.
@@ -148,7 +150,7 @@ NORMALIZATIONS = {"identity": LAYOUT_SETTINGS, "nmt_nfkc": NFKC_SETTINGS}
 
 @dataclass
 class TrainerOptions:
-    vocab_size: int = 32000
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     model_type: str = "bpe"
     byte_fallback: bool = True
     character_coverage: float = 0.9995

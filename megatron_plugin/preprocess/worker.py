@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import random
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -12,6 +11,7 @@ import sentencepiece as spm
 
 from .encoder import DEFAULT_CACHE_WORDS, EncodingPlan, make_encoder
 from .errors import EMPTY, INVALID_UTF8, BadRecord
+from .manifest import DocumentCounts
 from .readers import Chunk, parse_chunk
 
 
@@ -37,11 +37,7 @@ class ChunkResult:
     data: list  # per key: token bytes of the chunk's written documents
     lengths: list  # per key: int32 array, tokens per written document (0 = empty document)
     raw_bytes: int
-    docs_read: int = 0
-    docs_written: int = 0
-    empty: int = 0
-    blank_lines: int = 0
-    skipped: Counter = field(default_factory=Counter)
+    documents: DocumentCounts = field(default_factory=DocumentCounts)
     bad: list = field(default_factory=list)  # BadRecord, in input order
     verified: int = 0
     mismatches: list = field(default_factory=list)  # messages
@@ -75,7 +71,8 @@ class Worker:
         nkeys = len(cfg.keys)
         parsed = parse_chunk(chunk, cfg.keys)
         res = ChunkResult(chunk.index, [b""] * nkeys, [None] * nkeys, chunk.raw_bytes)
-        res.blank_lines = parsed.blank_lines
+        counts = res.documents
+        counts.blank_lines_ignored = parsed.blank_lines
         bad = list(parsed.bad)
         outs: list[list[bytes]] = [[] for _ in range(nkeys)]
         lens: list[list[int]] = [[] for _ in range(nkeys)]
@@ -96,7 +93,7 @@ class Worker:
                     bad.append(BadRecord(INVALID_UTF8, chunk.path, lineno, f"text is not valid Unicode ({exc})"))
                     continue
             if any(not e for e in encoded):
-                res.empty += 1
+                counts.empty += 1
                 if not keep_empty:
                     bad.append(BadRecord(EMPTY, chunk.path, lineno,
                                          "empty document (no tokens after normalization); "
@@ -107,12 +104,12 @@ class Worker:
                     e += eod  # Megatron-LM appends EOD only to non-empty documents
                 outs[k].append(e)
                 lens[k].append(len(e) // isz)
-            res.docs_written += 1
+            counts.written += 1
             if verify_idx and di in verify_idx:
                 self._verify(chunk.path, lineno, texts, [outs[k][-1] for k in range(nkeys)], res)
-        res.docs_read = len(parsed.docs) + len(bad)
+        counts.read = len(parsed.docs) + len(bad)
         for rec in bad:
-            res.skipped[rec.reason] += 1
+            counts.skipped[rec.reason] += 1
         bad.sort(key=lambda r: r.line)
         res.bad = bad[:20]  # counts are complete; a few examples are enough for messages
         for k in range(nkeys):
