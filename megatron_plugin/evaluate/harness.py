@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.generate.errors import GenerateError
 
 
@@ -40,7 +41,7 @@ def make_adapter(generator, batch_size: int = 8, max_gen_toks: int = 256):
             self.model = generator.model
             self.tok = generator.tokenizer
             if self.tok is None:
-                raise GenerateError(f"{generator.loaded.checkpoint_dir} has no tokenizer.model; the harness needs it")
+                raise GenerateError(f"{generator.loaded.checkpoint_dir} has no {TOKENIZER_FILE}; the harness needs it")
             self.batch_size = batch_size
             self.max_gen_toks = max_gen_toks
             self.max_length = generator.max_sequence_length

@@ -29,6 +29,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
+from megatron_plugin.checkpoint_layout import RUN_CONFIG_FILE, TOKENIZER_FILE, read_run_config
 from megatron_plugin.generate.errors import GenerateError
 
 
@@ -128,7 +129,7 @@ def split_windows(run_config: dict, ckpt_dir: Path, split: str, num_samples: Opt
     train = TrainConfig(**{k: v for k, v in run_config.get("train", {}).items() if k in TrainConfig.__dataclass_fields__})
     evals = EvalConfig(**{k: v for k, v in run_config.get("eval", {}).items() if k in EvalConfig.__dataclass_fields__})
     if not data.paths:
-        raise GenerateError(f"{ckpt_dir}/run_config.json names no data.paths: pass --data PREFIX instead of --split")
+        raise GenerateError(f"{ckpt_dir}/{RUN_CONFIG_FILE} names no data.paths: pass --data PREFIX instead of --split")
     missing = [p for p in data.paths if isinstance(p, str) and not _is_prefix(p)]
     if missing:
         raise GenerateError(
@@ -143,7 +144,7 @@ def split_windows(run_config: dict, ckpt_dir: Path, split: str, num_samples: Opt
         import tempfile
 
         cache = tempfile.mkdtemp(prefix="megatron_plugin_eval_cache_")
-    tokenizer = megatron_tokenizer(str(ckpt_dir / "tokenizer.model"))
+    tokenizer = megatron_tokenizer(str(ckpt_dir / TOKENIZER_FILE))
     datasets = dict(zip(("train", "valid", "test"), build_datasets(data, data.seq_length, counts, train.seed,
                                                                  cache, tokenizer)))
     dataset = datasets[split]
@@ -221,8 +222,6 @@ def perplexity(loaded, data: Optional[str] = None, split: Optional[str] = None, 
     context)."""
     from megatron.core import parallel_state
 
-    from megatron_plugin.export.checkpoint import read_run_config
-
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         raise GenerateError("perplexity runs with pipeline parallelism 1 (tensor parallelism works)")
     if (data is None) == (split is None):
@@ -243,6 +242,6 @@ def perplexity(loaded, data: Optional[str] = None, split: Optional[str] = None, 
         if not os.path.exists(data):
             raise GenerateError(f"--data {data}: no such file and no {data}.bin / {data}.idx")
         if tokenizer is None:
-            raise GenerateError(f"{loaded.checkpoint_dir} has no tokenizer.model to tokenize {data} with")
+            raise GenerateError(f"{loaded.checkpoint_dir} has no {TOKENIZER_FILE} to tokenize {data} with")
         windows = stream_windows(raw_stream(data, tokenizer, json_key, max_tokens), seq, max_tokens)
     return score_windows(loaded.model, windows, tokenizer, batch_size, progress, total=max_tokens)

@@ -9,7 +9,7 @@
 The CLI is `python -m megatron_plugin.export` (see docs/export.md).
 """
 
-from megatron_plugin.export.checkpoint import CheckpointError
+from megatron_plugin.checkpoint_layout import CheckpointError
 from megatron_plugin.export.from_hf import import_hf
 from megatron_plugin.export.hf_config import UnsupportedModelError
 from megatron_plugin.export.to_hf import export_checkpoint

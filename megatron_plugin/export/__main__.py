@@ -14,9 +14,9 @@ import sys
 import time
 from typing import List, Optional
 
+from megatron_plugin.checkpoint_layout import LATEST_FILE, TOKENIZER_FILE, CheckpointError, read_run_config
 from megatron_plugin.config import DTYPE_NAMES
 from megatron_plugin.errors import UserError, report_user_error
-from megatron_plugin.export.checkpoint import CheckpointError
 from megatron_plugin.export.to_hf import DEFAULT_MAX_SHARD_SIZE
 from megatron_plugin.export.verify import DEFAULT_TOLERANCE
 from megatron_plugin.runtime import expected_warnings
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import such a folder as a checkpoint to continue pretraining from.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="RUN/checkpoints (uses its 'latest') or RUN/checkpoints/iter_N")
+    source.add_argument("--checkpoint", help=f"RUN/checkpoints (uses its {LATEST_FILE!r}) or RUN/checkpoints/iter_N")
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face Llama folder to import")
     parser.add_argument("--output", required=True,
                         help="export: the new HF folder; import: RUN/checkpoints or RUN/checkpoints/iter_N")
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
                         help="largest safetensors file, e.g. 2GB, 500MB (default %(default)s)")
     parser.add_argument("--tokenizer",
-                        help="SentencePiece model to ship instead of the checkpoint's tokenizer.model")
+                        help=f"SentencePiece model to ship instead of the checkpoint's {TOKENIZER_FILE}")
     parser.add_argument("--tensor-parallel", type=int, default=1,
                         help="import: TP size training will resume with (sets vocabulary padding)")
     parser.add_argument("--verify", action="store_true",
@@ -102,8 +102,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  dtype=args.dtype)
             print(f"imported {args.from_hf} -> {iter_dir} in {time.time() - started:.1f}s")
             if args.verify:
-                from megatron_plugin.export.checkpoint import read_run_config
-
                 dtype = read_run_config(iter_dir)["precision"]["dtype"]
                 return _verify(str(iter_dir), args.from_hf, dtype, args)
     except (UserError, CheckpointError) as err:

@@ -1,8 +1,8 @@
 """Reading a training checkpoint (`RUN/checkpoints/iter_N`) one tensor at a time.
 
 A checkpoint is a `megatron.core.dist_checkpointing` directory (torch_dist backend) plus the
-`run_config.json` and `tokenizer.model` that rank 0 writes next to it. Its tensors are stored by
-global key and global shape, so one reader serves every TP/PP/DP layout: we ask
+`run_config.json` and `tokenizer.model` that rank 0 writes next to it (the layout and its names:
+megatron_plugin/checkpoint_layout.py). Its tensors are stored by global key and global shape, so one reader serves every TP/PP/DP layout: we ask
 dist_checkpointing for exactly the slice we want (a whole tensor, or one layer of a stacked
 decoder weight) and it gathers it from whichever rank files hold the pieces. Nothing else is held
 in memory, which is what keeps the export's peak memory near one tensor.
@@ -11,7 +11,6 @@ in memory, which is what keeps the export's peak memory near one tensor.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -20,18 +19,19 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from megatron_plugin.checkpoint_layout import (
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILE,
+    CheckpointError,
+    check_complete,
+    read_run_config,
+    resolve_checkpoint_dir,
+)
 from megatron_plugin.config import ModelConfig, model_config_from_dict
 from megatron_plugin.errors import UserError
 from megatron_plugin.export import mapping
-from megatron_plugin.training.checkpoint import ITER_DIR, CheckpointError
 
 logger = logging.getLogger(__name__)
-
-LATEST_FILE = "latest"
-RUN_CONFIG_FILE = "run_config.json"
-TOKENIZER_FILE = "tokenizer.model"
-# Written by dist_checkpointing.save: its own metadata, and the torch.distributed.checkpoint index.
-REQUIRED_FILES = ("metadata.json", ".metadata", "common.pt")
 
 
 @contextlib.contextmanager
@@ -43,64 +43,6 @@ def dcp_errors(what: str, advice: str = "") -> Iterator[None]:
         raise
     except BaseException as err:  # DCP's CheckpointException derives from BaseException
         raise CheckpointError(f"{what} ({type(err).__name__}: {err}){advice}") from err
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """`RUN/checkpoints` (follows its `latest` file), `RUN/checkpoints/iter_N`, or the run folder
-    `RUN` itself -> the iter dir."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    if not (path / LATEST_FILE).exists() and (path / "checkpoints" / LATEST_FILE).exists():
-        path = path / "checkpoints"
-    if (path / "metadata.json").exists() or ITER_DIR.match(path.name):
-        return path
-    latest = path / LATEST_FILE
-    if latest.exists():
-        name = latest.read_text().strip()
-        if not name:
-            raise CheckpointError(f"{latest} is empty: pass the iter_N directory itself")
-        target = path / name
-        if not target.is_dir():
-            raise CheckpointError(
-                f"{latest} names {name!r} but {target} is not a directory: the checkpoint was "
-                "removed or never completed; pass an existing iter_N directory"
-            )
-        return target
-    candidates = sorted(p.name for p in path.iterdir() if p.is_dir() and ITER_DIR.match(p.name))
-    hint = f" (found {', '.join(candidates)}; pass one of them)" if candidates else ""
-    raise CheckpointError(
-        f"{path} is neither a checkpoint directory (no metadata.json) nor a checkpoints folder "
-        f"with a {LATEST_FILE!r} file{hint}"
-    )
-
-
-def check_complete(ckpt_dir: Path) -> None:
-    """Fail early, naming the missing file, on a checkpoint that was interrupted while saving."""
-    missing = [name for name in REQUIRED_FILES if not (ckpt_dir / name).exists()]
-    if missing:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} is incomplete: missing {', '.join(missing)} (the save was "
-            "interrupted or files were removed); use an earlier iter_N directory"
-        )
-    if not any(ckpt_dir.glob("*.distcp")):
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} has no *.distcp data files; it is incomplete, use an earlier "
-            "iter_N directory"
-        )
-    if not (ckpt_dir / RUN_CONFIG_FILE).exists():
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}, which holds the model sizes; it was "
-            "not written by megatron_plugin's trainer (or the save was interrupted)"
-        )
-
-
-def read_run_config(ckpt_dir: Path) -> dict:
-    path = ckpt_dir / RUN_CONFIG_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
 def model_config_from_run_config(run_config: dict, source: Path) -> ModelConfig:
@@ -193,9 +135,9 @@ class MegatronCheckpoint:
     def shape(self, key: str) -> Tuple[int, ...]:
         return tuple(self.metadata[key].global_shape)
 
-    def layer_source(self, role: str, layer: int) -> Tuple[str, bool]:
-        """(checkpoint key, stacked?) holding `role` of decoder layer `layer`."""
-        for suffix in mapping.LAYER_SOURCES[role]:
+    def layer_source(self, weight: mapping.Weight, layer: int) -> Tuple[str, bool]:
+        """(checkpoint key, stacked?) holding `weight` of decoder layer `layer`."""
+        for suffix in weight.megatron_keys:
             stacked = mapping.stacked_layer_key(suffix)
             if stacked in self.metadata:
                 return stacked, True
@@ -203,13 +145,13 @@ class MegatronCheckpoint:
             if single in self.metadata:
                 return single, False
         raise CheckpointError(
-            f"{self.dir} has no tensor for layer {layer} {role} (looked for "
-            f"{', '.join(mapping.LAYER_SOURCES[role])} under decoder.layers); the checkpoint is "
+            f"{self.dir} has no tensor for layer {layer} {weight.role} (looked for "
+            f"{', '.join(weight.megatron_keys)} under {mapping.MEGATRON_LAYERS}); the checkpoint is "
             "incomplete or from an unsupported model"
         )
 
-    def layer_shape(self, role: str, layer: int) -> Tuple[int, ...]:
-        key, stacked = self.layer_source(role, layer)
+    def layer_shape(self, weight: mapping.Weight, layer: int) -> Tuple[int, ...]:
+        key, stacked = self.layer_source(weight, layer)
         shape = self.shape(key)
         return shape[1:] if stacked else shape
 
@@ -235,11 +177,15 @@ class MegatronCheckpoint:
         buf = torch.empty(self.shape(key), dtype=self.dtype(key))
         return self._load(key, ShardedTensor.from_rank_offsets(self.key_prefix + key, buf, replica_id=0))
 
-    def load_layer(self, role: str, layer: int) -> torch.Tensor:
-        """One decoder layer's tensor of `role`, read as a slice of the stacked key."""
+    def load_weight(self, weight: mapping.Weight, layer: Optional[int] = None) -> torch.Tensor:
+        """The tensor of `weight` (of decoder layer `layer` for a layer weight)."""
+        return self.load_layer(weight, layer) if weight.per_layer else self.load(weight.megatron)
+
+    def load_layer(self, weight: mapping.Weight, layer: int) -> torch.Tensor:
+        """One decoder layer's tensor of `weight`, read as a slice of the stacked key."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
-        key, stacked = self.layer_source(role, layer)
+        key, stacked = self.layer_source(weight, layer)
         if not stacked:
             return self.load(key)
         shape = self.shape(key)

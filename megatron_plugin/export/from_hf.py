@@ -1,8 +1,9 @@
 """Hugging Face Llama folder -> a training checkpoint this package continues pretraining from.
 
-The result has the trainer's weights-only snapshot layout: `CHECKPOINTS/iter_0000000/` saved with
-dist_checkpointing from a TP=1 GPTModel (`{"model": sharded_state_dict}`), with
-`run_config.json` and `tokenizer.model` beside it, and `CHECKPOINTS/latest` naming it.
+The result has the trainer's weights-only snapshot layout (megatron_plugin/checkpoint_layout.py):
+`CHECKPOINTS/iter_0000000/` saved with dist_checkpointing from a TP=1 GPTModel
+(`{"model": sharded_state_dict}`), with `run_config.json` and `tokenizer.model` beside it, and
+`CHECKPOINTS/latest` naming it.
 dist_checkpointing reshards on load, so training may resume at any TP/PP; only the padded
 vocabulary depends on the TP size, hence `tensor_parallel` below.
 """
@@ -19,15 +20,13 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_plugin.checkpoint_layout import ITER_DIR, RUN_CONFIG_FILE, TOKENIZER_FILE, iter_dir_name, write_latest
 from megatron_plugin.config import (DTYPE_NAMES, ParallelConfig, PrecisionConfig, RunConfig, RunInfo, torch_dtype,
                                     validate_model)
 from megatron_plugin.export import mapping
-from megatron_plugin.export.checkpoint import RUN_CONFIG_FILE, TOKENIZER_FILE
 from megatron_plugin.export.hf_config import UnsupportedModelError, from_hf_config
 from megatron_plugin.export.output_dir import check_output_free, staged_output
 from megatron_plugin.export.safetensors_writer import list_safetensors
-from megatron_plugin.export.to_hf import model_shapes
-from megatron_plugin.training.checkpoint import ITER_DIR, iter_dir_name, write_latest
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +75,7 @@ class HFWeights:
 
 
 def _expected_tensors(model) -> Dict[str, tuple]:
-    shapes = model_shapes(model)
-    expected = {
-        mapping.HF_EMBEDDING: (model.vocab_size, model.hidden_size),
-        mapping.HF_FINAL_NORM: (model.hidden_size,),
-    }
-    if not model.tie_embeddings:
-        expected[mapping.HF_LM_HEAD] = (model.vocab_size, model.hidden_size)
-    for layer in range(model.num_layers):
-        for role, suffixes in mapping.LAYER_TARGETS.items():
-            for suffix, shape in zip(suffixes, shapes.hf_shapes(role)):
-                expected[mapping.hf_layer_name(layer, suffix)] = shape
-    return expected
+    return mapping.hf_tensor_shapes(mapping.model_shapes(model), model.num_layers, model.tie_embeddings)
 
 
 def _check_tensors(weights: HFWeights, model, folder: Path) -> None:
@@ -149,7 +137,7 @@ def import_hf(
     sp_model = folder / TOKENIZER_FILE
     if not sp_model.exists():
         logger.warning(
-            "%s has no tokenizer.model; the checkpoint will have none (set data.tokenizer_model)", folder
+            "%s has no %s; the checkpoint will have none (set data.tokenizer_model)", folder, TOKENIZER_FILE
         )
         sp_model = None
 
@@ -159,22 +147,12 @@ def import_hf(
     with megatron_session(), staged_output(iter_dir) as staging:
         gpt = build_single_process_model(model, padded, dtype=dtype)
         params = dict(gpt.named_parameters())
-        shapes = model_shapes(model)
-        local_spec = "decoder.layers.0.input_layernorm.weight" in params
+        shapes = mapping.model_shapes(model, padded_vocab_size=padded)
+        local_spec = mapping.INPUT_LAYERNORM.megatron_name(0, local_spec=True) in params
         with torch.no_grad():
-            embedding = params[mapping.EMBEDDING]
-            embedding.zero_()  # padded rows: never produced by the tokenizer
-            embedding[: model.vocab_size].copy_(weights.get(mapping.HF_EMBEDDING))
-            params[mapping.FINAL_NORM].copy_(weights.get(mapping.HF_FINAL_NORM))
-            if not model.tie_embeddings:
-                output_layer = params[mapping.OUTPUT_LAYER]
-                output_layer.zero_()
-                output_layer[: model.vocab_size].copy_(weights.get(mapping.HF_LM_HEAD))
-            for layer in range(model.num_layers):
-                for role, suffixes in mapping.LAYER_TARGETS.items():
-                    parts = [weights.get(mapping.hf_layer_name(layer, s)) for s in suffixes]
-                    name = mapping.megatron_param_name(layer, role, local_spec)
-                    params[name].copy_(mapping.join_role(role, parts, shapes))
+            for weight, layer in mapping.model_weights(model.num_layers, model.tie_embeddings):
+                parts = [weights.get(name) for name in weight.hf_names(layer)]
+                params[weight.megatron_name(layer, local_spec)].copy_(weight.join(parts, shapes))
         dist_checkpointing.save({"model": gpt.sharded_state_dict()}, str(staging))
         run = RunConfig(
             run=RunInfo(name=folder.name, description=f"imported from {folder}"),

@@ -17,9 +17,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from megatron_plugin.checkpoint_layout import RUN_CONFIG_FILE, TOKENIZER_FILE, CheckpointError
 from megatron_plugin.config import DTYPE_NAMES, torch_dtype
 from megatron_plugin.export import mapping
-from megatron_plugin.export.checkpoint import CheckpointError, MegatronCheckpoint, process_group
+from megatron_plugin.export.checkpoint import MegatronCheckpoint, process_group
 from megatron_plugin.export.hf_config import generation_config, to_hf_config
 from megatron_plugin.export.output_dir import staged_output
 from megatron_plugin.export.safetensors_writer import Entry, ShardedSafetensorsWriter, parse_size
@@ -41,20 +42,10 @@ class _Job:
     shapes: List[tuple]
 
 
-def model_shapes(model) -> mapping.Shapes:
-    return mapping.Shapes(
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size,
-        head_dim=model.head_dim,
-    )
-
-
 def _check_shapes(ckpt: MegatronCheckpoint) -> None:
     """Compare the stored shapes with run_config.json before writing anything."""
     model = ckpt.model_config
-    source = ckpt.dir / "run_config.json"
+    source = ckpt.dir / RUN_CONFIG_FILE
     rows, hidden = ckpt.shape(mapping.EMBEDDING)
     if hidden != model.hidden_size:
         raise CheckpointError(
@@ -69,50 +60,34 @@ def _check_shapes(ckpt: MegatronCheckpoint) -> None:
             f"{source} says tie_embeddings={model.tie_embeddings} but the checkpoint "
             f"{'lacks' if ckpt.tied_embeddings else 'has'} a separate {mapping.OUTPUT_LAYER}"
         )
-    key, stacked = ckpt.layer_source("qkv", 0)
+    key, stacked = ckpt.layer_source(mapping.QKV, 0)
     if stacked and ckpt.shape(key)[0] != model.num_layers:
         raise CheckpointError(
             f"{key} holds {ckpt.shape(key)[0]} layers but {source} says num_layers={model.num_layers}"
         )
-    shapes = model_shapes(model)
-    for role in mapping.LAYER_SOURCES:
-        got = ckpt.layer_shape(role, 0)
-        want = shapes.hf_shapes(role)
-        rows_total = sum(s[0] for s in want) if len(want[0]) == 2 else want[0][0]
-        expected = (rows_total,) + tuple(want[0][1:])
+    shapes = mapping.model_shapes(model)
+    for weight in mapping.LAYER_WEIGHTS:
+        got = ckpt.layer_shape(weight, 0)
+        expected = weight.megatron_shape(shapes)
         if got != expected:
             raise CheckpointError(
-                f"layer {role} tensor has shape {got}, expected {expected} from {source}; the "
+                f"layer {weight.role} tensor has shape {got}, expected {expected} from {source}; the "
                 "run config does not describe this checkpoint"
             )
 
 
 def _plan(ckpt: MegatronCheckpoint) -> List[_Job]:
     model = ckpt.model_config
-    shapes = model_shapes(model)
-    vocab, hidden = model.vocab_size, model.hidden_size
-    drop_padding = lambda t: (t[:vocab],)  # noqa: E731 - padded vocabulary rows are not exported
-    jobs = [
-        _Job(lambda: ckpt.load(mapping.EMBEDDING), drop_padding, [mapping.HF_EMBEDDING], [(vocab, hidden)])
-    ]
-    for layer in range(model.num_layers):
-        for role in mapping.LAYER_SOURCES:
-            jobs.append(
-                _Job(
-                    load=lambda role=role, layer=layer: ckpt.load_layer(role, layer),
-                    split=lambda t, role=role: mapping.split_role(role, t, shapes),
-                    names=[mapping.hf_layer_name(layer, suffix) for suffix in mapping.LAYER_TARGETS[role]],
-                    shapes=shapes.hf_shapes(role),
-                )
-            )
-    jobs.append(
-        _Job(lambda: ckpt.load(mapping.FINAL_NORM), lambda t: (t,), [mapping.HF_FINAL_NORM], [(hidden,)])
-    )
-    if not model.tie_embeddings:
-        jobs.append(
-            _Job(lambda: ckpt.load(mapping.OUTPUT_LAYER), drop_padding, [mapping.HF_LM_HEAD], [(vocab, hidden)])
+    shapes = mapping.model_shapes(model)
+    return [
+        _Job(
+            load=lambda weight=weight, layer=layer: ckpt.load_weight(weight, layer),
+            split=lambda t, weight=weight: weight.split(t, shapes),
+            names=weight.hf_names(layer),
+            shapes=list(weight.hf_shapes(shapes)),
         )
-    return jobs
+        for weight, layer in mapping.model_weights(model.num_layers, model.tie_embeddings)
+    ]
 
 
 def export_checkpoint(
@@ -136,7 +111,7 @@ def export_checkpoint(
         sp_model = Path(tokenizer) if tokenizer else ckpt.tokenizer_path
         if sp_model is None or not sp_model.exists():
             raise CheckpointError(
-                f"no SentencePiece model: {ckpt.dir}/tokenizer.model is missing; pass --tokenizer PATH"
+                f"no SentencePiece model: {ckpt.dir}/{TOKENIZER_FILE} is missing; pass --tokenizer PATH"
             )
         ids = special_ids(sp_model)
         if ids.vocab_size > model.vocab_size:

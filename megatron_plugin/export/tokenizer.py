@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.errors import UserError
 
-TOKENIZER_MODEL = "tokenizer.model"
 UNIGRAM = 1  # sentencepiece TrainerSpec.ModelType
 
 
@@ -60,7 +60,7 @@ def _load_proto(sp_model: Path):
 
 
 def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
-    """Write tokenizer.model, tokenizer.json and tokenizer_config.json into `out_dir`."""
+    """Write the SentencePiece model, tokenizer.json and tokenizer_config.json into `out_dir`."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SpmConverter
 
@@ -110,5 +110,5 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
         }
     )
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    shutil.copyfile(sp_model, out_dir / TOKENIZER_MODEL)
+    shutil.copyfile(sp_model, out_dir / TOKENIZER_FILE)
     return ids

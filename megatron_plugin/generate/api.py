@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Callable, List, Optional, Sequence
 
+from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.config import ParallelConfig
 from megatron_plugin.generate.engine import Generation, Generator, SamplingOptions
 from megatron_plugin.generate.errors import GenerateError
@@ -27,8 +28,8 @@ class TextGenerator(Generator):
     def encode_prompts(self, prompts: Sequence[str]) -> List[List[int]]:
         if self.tokenizer is None:
             raise GenerateError(
-                f"{self.loaded.checkpoint_dir} has no tokenizer.model: text prompts need it (copy "
-                "the SentencePiece model there as tokenizer.model)"
+                f"{self.loaded.checkpoint_dir} has no {TOKENIZER_FILE}: text prompts need it (copy "
+                f"the SentencePiece model there as {TOKENIZER_FILE})"
             )
         return [self.tokenizer.encode(p) for p in prompts]
 

@@ -1,9 +1,10 @@
 """A training checkpoint or a Hugging Face Llama folder -> our GPTModel on this process's layout.
 
-Checkpoints are found and checked by the export's reader (`RUN`, `RUN/checkpoints`, `latest`,
-`iter_N`; any TP/PP layout), and read with dist_checkpointing, which reshards the stored global
-tensors onto the TP/PP layout this process runs with. A Hugging Face folder goes through the
-export's importer into a temporary checkpoint first, so both inputs take one loading path.
+Checkpoints are found by the package's one resolver (megatron_plugin/checkpoint_layout.py: `RUN`,
+`RUN/checkpoints`, `latest`, `iter_N`; any TP/PP layout), and read with dist_checkpointing, which
+reshards the stored global tensors onto the TP/PP layout this process runs with. A Hugging Face
+folder goes through the export's importer into a temporary checkpoint first, so both inputs take
+one loading path.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from megatron_plugin.checkpoint_layout import CHECKPOINTS_DIR, MODEL_METADATA_FILE, check_complete, resolve_checkpoint_dir
 from megatron_plugin.config import DTYPE_NAMES, BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig, validate_model
 from megatron_plugin.generate.errors import GenerateError
 from megatron_plugin.generate.tokenizer import Tokenizer
@@ -70,7 +72,7 @@ def _check_source(path: Path) -> None:
             "iter_N) or the Hugging Face model folder"
         )
     weights = [p.name for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
-    megatron_checkpoint = (path / "metadata.json").exists()  # dist_checkpointing's (common.pt beside it)
+    megatron_checkpoint = (path / MODEL_METADATA_FILE).exists()
     if weights and not is_hf_folder(path) and not megatron_checkpoint:
         raise GenerateError(
             f"{path} holds weights only ({weights[0]}) and no config.json describing the model: "
@@ -87,15 +89,13 @@ def import_hf_folder(path: Path, tensor_parallel: int) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix="megatron_plugin_hf_"))
     # The weights are read into the model right after; the copy goes when the process ends.
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-    target = scratch / "checkpoints"
+    target = scratch / CHECKPOINTS_DIR
     logger.info("importing %s into %s", path, target)
     return import_hf(path, target, tensor_parallel=tensor_parallel)
 
 
 def resolve_source(source: str | os.PathLike, tensor_parallel: int = 1) -> Path:
     """The checkpoint directory to read for `source` (a checkpoint path or an HF folder)."""
-    from megatron_plugin.export.checkpoint import check_complete, resolve_checkpoint_dir
-
     path = Path(source)
     _check_source(path)
     if is_hf_folder(path):

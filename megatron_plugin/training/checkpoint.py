@@ -1,12 +1,7 @@
 """Checkpoints with Megatron-Core distributed checkpointing (torch_dist).
 
-Layout of RUN/checkpoints/:
-    latest                       name of the newest complete checkpoint (replaced atomically)
-    iter_0000100/                the model: a dist checkpoint {"model": ...}, any TP/PP layout
-        optimizer/               optimizer, LR scheduler, RNG: a dist checkpoint (resumable only)
-        train_state.json         step, consumed samples, layout it was written with
-        run_config.json          the resolved RunConfig
-        tokenizer.model          the SentencePiece model the data was tokenized with
+The folder layout and its file names are megatron_plugin/checkpoint_layout.py's, shared with
+export, generation and evaluation; this module writes, prunes and resumes from it.
 
 A checkpoint is written as iter_N.partial and renamed once every rank has finished, and only
 then does `latest` move: a crash or a full disk during a save leaves the previous checkpoint as
@@ -22,7 +17,6 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,8 +26,22 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_plugin.checkpoint_layout import (
+    OPTIMIZER_DIR,
+    PARTIAL_SUFFIX,
+    RUN_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TRAIN_STATE_FILE,
+    CheckpointError,
+    checkpoints_dir,
+    has_latest,
+    iter_dir_name,
+    iter_step,
+    list_checkpoints,
+    read_latest,
+    write_latest,
+)
 from megatron_plugin.config import RunConfig, data_parallel_size, model_config_from_dict
-from megatron_plugin.errors import UserError
 from megatron_plugin.training.checkpoint_files import find_damage, write_file_manifest
 from megatron_plugin.training.optimizer import TrainState
 from megatron_plugin.training.optimizer_state import (
@@ -46,13 +54,6 @@ from megatron_plugin.training.optimizer_state import (
 )
 
 logger = logging.getLogger(__name__)
-
-# A checkpoint folder: iter_ and the step (written with 7 digits, read with any number of them).
-ITER_DIR = re.compile(r"^iter_(\d+)$")
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint that cannot be written or read; the message names the file or key and what to do."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -70,11 +71,7 @@ class Resumed:
 
 
 def checkpoint_root(cfg: RunConfig) -> str:
-    return os.path.join(cfg.run_dir, "checkpoints")
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
+    return checkpoints_dir(cfg.run_dir)
 
 
 def _barrier() -> None:
@@ -84,32 +81,6 @@ def _barrier() -> None:
 
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def read_latest(root: str) -> Optional[str]:
-    """Path of the checkpoint `latest` names, or None when there is none."""
-    pointer = os.path.join(root, "latest")
-    if not os.path.isfile(pointer):
-        return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(root, name)
-    if not ITER_DIR.match(name) or not os.path.isdir(path):
-        raise CheckpointError(
-            f"{pointer} names {name!r}, which is not a checkpoint folder in {root}; point it at an "
-            "existing iter_NNNNNNN folder or remove it to start fresh"
-        )
-    return path
-
-
-def write_latest(root: str, name: str) -> None:
-    """Point `root/latest` at `name`, atomically and durably."""
-    tmp = os.path.join(root, "latest.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(root, "latest"))
 
 
 def _gpt(state: TrainState):
@@ -194,7 +165,7 @@ class Checkpointer:
         self._started = time.perf_counter()
         self.saved_at = step
         final = os.path.join(self.root, iter_dir_name(step))
-        partial = final + ".partial"
+        partial = final + PARTIAL_SUFFIX
         if _is_rank0():
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)  # a leftover of an interrupted save
@@ -206,7 +177,7 @@ class Checkpointer:
             # Megatron-Core's async writers share one results queue, so two saves may not overlap.
             dist_checkpointing.save({"model": _gpt(state).sharded_state_dict()}, partial)
             if _is_rank0():
-                os.makedirs(os.path.join(partial, "optimizer"))
+                os.makedirs(os.path.join(partial, OPTIMIZER_DIR))
             _barrier()
             # A fresh model state dict: save() consumed the first one, and the optimizer maps its
             # states onto the model's sharded tensors by parameter identity.
@@ -218,7 +189,7 @@ class Checkpointer:
                 "rng": _rng_sharded(),
             }
             optimizer_request = dist_checkpointing.save(
-                optimizer_sd, os.path.join(partial, "optimizer"), async_sharded_save=asynchronous)
+                optimizer_sd, os.path.join(partial, OPTIMIZER_DIR), async_sharded_save=asynchronous)
             if _is_rank0():
                 self._write_metadata(partial, step, consumed_samples)
         except Exception as error:
@@ -254,7 +225,7 @@ class Checkpointer:
         except Exception as error:
             final, self._in_flight = self._in_flight, None
             if _is_rank0():
-                shutil.rmtree(final + ".partial", ignore_errors=True)
+                shutil.rmtree(final + PARTIAL_SUFFIX, ignore_errors=True)
             raise self._failed(final, error) from error
         if self._queue.get_num_unfinalized_calls() == 0:
             self._in_flight = None
@@ -268,7 +239,7 @@ class Checkpointer:
 
     def _write_metadata(self, partial: str, step: int, consumed_samples: int) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
-        _write_json(os.path.join(partial, "train_state.json"), {
+        _write_json(os.path.join(partial, TRAIN_STATE_FILE), {
             "step": step,
             "consumed_samples": consumed_samples,
             "tensor_parallel": self.cfg.parallel.tensor,
@@ -277,9 +248,9 @@ class Checkpointer:
             "data_parallel": data_parallel_size(self.cfg.parallel, world_size),
             "optimizer_format": optimizer_format(self.cfg.parallel.distributed_optimizer),
         })
-        _write_json(os.path.join(partial, "run_config.json"), dataclasses.asdict(self.cfg))
+        _write_json(os.path.join(partial, RUN_CONFIG_FILE), dataclasses.asdict(self.cfg))
         if self.tokenizer_model:
-            shutil.copyfile(self.tokenizer_model, os.path.join(partial, "tokenizer.model"))
+            shutil.copyfile(self.tokenizer_model, os.path.join(partial, TOKENIZER_FILE))
 
     def _publish(self, partial: str, final: str) -> None:
         """Rank 0, once every rank has written: rename into place, move `latest`, prune."""
@@ -298,24 +269,13 @@ def _write_json(path: str, payload: dict) -> None:
         json.dump(payload, f, indent=2, default=str)
 
 
-def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        match = ITER_DIR.match(name)
-        if match:
-            found.append((int(match.group(1)), os.path.join(root, name)))
-    return sorted(found)
-
-
 def prune(root: str, keep: int, weights_only_snapshots: bool) -> None:
     """Keep the newest `keep` resumable checkpoints; older ones lose their optimizer state
     (weights-only snapshots) or are deleted."""
-    resumable = [(s, p) for s, p in list_checkpoints(root) if os.path.isdir(os.path.join(p, "optimizer"))]
+    resumable = [(s, p) for s, p in list_checkpoints(root) if os.path.isdir(os.path.join(p, OPTIMIZER_DIR))]
     for _, path in resumable[: max(len(resumable) - keep, 0)]:
         if weights_only_snapshots:
-            shutil.rmtree(os.path.join(path, "optimizer"))
+            shutil.rmtree(os.path.join(path, OPTIMIZER_DIR))
         else:
             shutil.rmtree(path)
 
@@ -331,7 +291,7 @@ def resolve_resume(cfg: RunConfig) -> Optional[str]:
     if mode == "auto":
         return _newest_intact(checkpoint_root(cfg))
     path = str(mode)
-    if os.path.isfile(os.path.join(path, "latest")):
+    if has_latest(path):
         return _newest_intact(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint.resume={path}: no such checkpoint folder")
@@ -349,9 +309,9 @@ def _newest_intact(root: str) -> Optional[str]:
     damage = find_damage(newest)
     if damage is None:
         return newest
-    newest_step = int(ITER_DIR.match(os.path.basename(newest)).group(1))
+    newest_step = iter_step(os.path.basename(newest))
     for step, path in reversed(list_checkpoints(root)):
-        if step < newest_step and os.path.isdir(os.path.join(path, "optimizer")) and find_damage(path) is None:
+        if step < newest_step and os.path.isdir(os.path.join(path, OPTIMIZER_DIR)) and find_damage(path) is None:
             logger.warning("checkpoint %s is damaged: %s. Resuming from %s, the newest intact checkpoint "
                            "before it; the steps after it are trained again", newest, damage, path)
             return path
@@ -397,15 +357,15 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
     older snapshot, or one imported from Hugging Face) starts a new schedule from its weights."""
     from megatron.core import dist_checkpointing
 
-    saved = _read_json(os.path.join(path, "train_state.json"))
-    saved_run = _read_json(os.path.join(path, "run_config.json"))
+    saved = _read_json(os.path.join(path, TRAIN_STATE_FILE))
+    saved_run = _read_json(os.path.join(path, RUN_CONFIG_FILE))
     saved_layout = (
         saved.get("tensor_parallel", saved_run.get("parallel", {}).get("tensor", 1)),
         saved.get("pipeline_parallel", saved_run.get("parallel", {}).get("pipeline", 1)),
     )
     _check_model_matches(cfg, path, saved_run, saved_layout[0])
     layout_changed = saved_layout != (cfg.parallel.tensor, cfg.parallel.pipeline)
-    optimizer_dir = os.path.join(path, "optimizer")
+    optimizer_dir = os.path.join(path, OPTIMIZER_DIR)
     resumable = os.path.isdir(optimizer_dir) and bool(saved)
     saved_format = saved_optimizer_format(saved, saved_run)
     if resumable:
