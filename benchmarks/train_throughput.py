@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
     from megatron_plugin.runtime.peak import device_peak_flops
     from megatron_plugin.training.optimizer import build_train_state
-    from megatron_plugin.training.step import train_step
+    from megatron_plugin.training.step import BatchShape, train_step
 
     try:
         cfg = make_config(args)
@@ -243,12 +243,13 @@ def main(argv=None) -> int:
     peak, peak_source = device_peak_flops(cfg.precision.dtype, cfg.precision.fp8 is not None)
 
     state = build_train_state(cfg, dp)
+    shape = BatchShape(num_micro, mbs, seq, device)
     data = SyntheticBatches(cfg.model.vocab_size, seq, mbs, cfg.train.seed + 1000 * parallel_state.get_data_parallel_rank())
 
     def ours() -> tuple[float, float]:
         _sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = train_step(state, data, num_micro, seq, mbs, device)
+        result = train_step(state, data, shape)
         _sync(device)
         cpu_times.append(time.process_time() - cpu_start)
         barrier()

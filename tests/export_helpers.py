@@ -153,7 +153,7 @@ def _worker(spec_path: str) -> None:
                                         TrainConfig)
     from megatron_plugin.runtime.distributed import init_distributed, shutdown
     from megatron_plugin.training.optimizer import build_train_state
-    from megatron_plugin.training.step import train_step
+    from megatron_plugin.training.step import BatchShape, train_step
 
     spec = json.loads(Path(spec_path).read_text())
     model_cfg = ModelConfig(**spec["model"])
@@ -169,7 +169,7 @@ def _worker(spec_path: str) -> None:
     state = build_train_state(run, runtime.data_parallel)
     data = _batches(model_cfg.vocab_size, run.train.micro_batch_size, seq)
     for _ in range(3):
-        train_step(state, data, num_microbatches=2, seq_length=seq, micro_batch_size=2, device=runtime.device)
+        train_step(state, data, BatchShape(num_microbatches=2, micro_batch_size=2, seq_length=seq, device=runtime.device))
     gpt = state.model[0].module
     if spec["pp"] == 1:
         tokens = reference_tokens(model_cfg.vocab_size)

@@ -8,7 +8,7 @@ import torch
 
 from megatron_plugin.config import ConfigError, DataConfig
 from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer, parse_blend
-from megatron_plugin.data.prepare import prepare_generated_corpus
+from megatron_plugin.preprocess.generated_corpus import prepare_generated_corpus
 
 
 def test_parse_blend():

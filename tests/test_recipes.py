@@ -251,7 +251,7 @@ def test_missing_data_files_named(tmp_path):
 
 
 def test_tokenizer_larger_than_vocab(tmp_path):
-    from megatron_plugin.data.prepare import prepare_generated_corpus
+    from megatron_plugin.preprocess.generated_corpus import prepare_generated_corpus
 
     prefix, tokenizer = prepare_generated_corpus(str(tmp_path), vocab_size=400, num_documents=300)
     with pytest.raises(ConfigError, match="set model.vocab_size=400"):

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from megatron_plugin.config import ConfigError, DataConfig, EvalConfig, TrainConfig
+from megatron_plugin.config import ConfigError, DataConfig, EvalConfig, ModelConfig, TrainConfig
 
 
 def parse_blend(paths: Sequence) -> tuple[list[str], Optional[list[float]]]:
@@ -45,6 +45,22 @@ def require_prefixes(prefixes: Sequence[str]) -> None:
         raise ConfigError(
             f"data.paths: no PREFIX.bin / PREFIX.idx for {', '.join(missing)}; run "
             "`python -m megatron_plugin.preprocess --input ... --output-prefix ...` first or fix the path"
+        )
+
+
+def check_tokenizer_fits(data: DataConfig, model: ModelConfig) -> None:
+    """The tokenizer exists and its ids fit the model's vocabulary."""
+    if not data.tokenizer_model:
+        raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
+    if not os.path.isfile(data.tokenizer_model):
+        raise ConfigError(f"data.tokenizer_model={data.tokenizer_model}: no such file")
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=data.tokenizer_model).vocab_size()
+    if vocab > model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer {data.tokenizer_model} has {vocab} tokens but model.vocab_size is "
+            f"{model.vocab_size}: set model.vocab_size={vocab}"
         )
 
 

@@ -38,9 +38,9 @@ def idx_token_count(prefix: str) -> int:
 
 def dataset_tokens(cfg: RunConfig) -> tuple[Optional[int], str]:
     if cfg.data.generate_corpus:
-        from megatron_plugin.data.prepare import generated_corpus_paths
+        from megatron_plugin.preprocess.generated_corpus import generated_corpus_paths
 
-        prefix, _ = generated_corpus_paths(os.path.join(cfg.run_dir, "data"))
+        prefix, _ = generated_corpus_paths(cfg.run_dir)
         if os.path.isfile(prefix + ".idx"):
             return idx_token_count(prefix), f"the corpus generated in {os.path.dirname(prefix)}"
         return None, "a corpus generated at the start of the run (not written yet: size unknown)"

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size, validate_model
-from megatron_plugin.data.gpt_dataset import parse_blend, require_prefixes
+from megatron_plugin.data.gpt_dataset import check_tokenizer_fits, parse_blend, require_prefixes
 
 
 def validate(cfg: RunConfig, world_size: int, check_data: bool = True, cuda: bool | None = None) -> None:
@@ -142,20 +141,4 @@ def _validate_data(cfg: RunConfig) -> None:
             )
         return
     require_prefixes(parse_blend(cfg.data.paths)[0])
-    check_tokenizer_fits(cfg)
-
-
-def check_tokenizer_fits(cfg: RunConfig) -> None:
-    """The tokenizer exists and its ids fit the model's vocabulary."""
-    if not cfg.data.tokenizer_model:
-        raise ConfigError("data.tokenizer_model is not set: give the SentencePiece .model the data was made with")
-    if not os.path.isfile(cfg.data.tokenizer_model):
-        raise ConfigError(f"data.tokenizer_model={cfg.data.tokenizer_model}: no such file")
-    import sentencepiece as spm
-
-    vocab = spm.SentencePieceProcessor(model_file=cfg.data.tokenizer_model).vocab_size()
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer {cfg.data.tokenizer_model} has {vocab} tokens but model.vocab_size is "
-            f"{cfg.model.vocab_size}: set model.vocab_size={vocab}"
-        )
+    check_tokenizer_fits(cfg.data, cfg.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -14,16 +15,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_plugin.config import RunConfig
-from megatron_plugin.data.gpt_dataset import MicroBatches, build_datasets, megatron_tokenizer, split_sample_counts
+from megatron_plugin.data.gpt_dataset import (MicroBatches, build_datasets, check_tokenizer_fits, megatron_tokenizer,
+                                              split_sample_counts)
 from megatron_plugin.model import flops_per_token
-from megatron_plugin.recipes.validate import check_tokenizer_fits
 from megatron_plugin.runtime.distributed import Runtime, decided_on_rank0, init_distributed
 from megatron_plugin.runtime.peak import device_peak_flops
 from megatron_plugin.training import checkpoint as ckpt
 from megatron_plugin.training.metrics import MetricsWriter, Throughput, console_line, format_duration
 from megatron_plugin.training.optimizer import build_train_state
 from megatron_plugin.training.run_lock import hold_run_dir
-from megatron_plugin.training.step import eval_step, train_step
+from megatron_plugin.training.step import BatchShape, StepResult, eval_step, train_step
 
 logger = logging.getLogger("megatron_plugin.train")
 
@@ -53,20 +54,19 @@ class _StopSignal:
         return bool(flag.item())
 
 
-def prepare_data(cfg: RunConfig, runtime: Runtime) -> None:
-    """The smoke recipe's generated corpus, when the user names no dataset: rank 0 writes it, the
-    others wait; data.paths and data.tokenizer_model then name it."""
+def with_prepared_data(cfg: RunConfig, runtime: Runtime) -> RunConfig:
+    """The config the run trains with: when the user names no dataset, the smoke recipe's
+    generated corpus (rank 0 writes it, the others wait) in data.paths and data.tokenizer_model."""
     if not cfg.data.uses_generated_corpus:
-        return
-    from megatron_plugin.data.prepare import generated_corpus_paths, prepare_generated_corpus
+        return cfg
+    from megatron_plugin.preprocess.generated_corpus import generated_corpus_paths, prepare_generated_corpus
 
-    data_dir = os.path.join(cfg.run_dir, "data")
     if runtime.is_main:
-        prepare_generated_corpus(data_dir, cfg.model.vocab_size)
+        prepare_generated_corpus(cfg.run_dir, cfg.model.vocab_size)
     if dist.is_initialized():
         dist.barrier()
-    prefix, cfg.data.tokenizer_model = generated_corpus_paths(data_dir)
-    cfg.data.paths = [prefix]
+    prefix, tokenizer_model = generated_corpus_paths(cfg.run_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[prefix], tokenizer_model=tokenizer_model))
 
 
 def _dp_rank() -> int:
@@ -95,14 +95,12 @@ def _write_config(cfg: RunConfig, runtime: Runtime) -> None:
 
 
 def _train(cfg: RunConfig, runtime: Runtime) -> dict:
-    prepare_data(cfg, runtime)
+    cfg = with_prepared_data(cfg, runtime)
     _write_config(cfg, runtime)
-    check_tokenizer_fits(cfg)
+    check_tokenizer_fits(cfg.data, cfg.model)
     tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
-    dp = runtime.data_parallel
-    mbs, gbs = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    num_micro = cfg.train.grad_accumulation_steps(dp)
-    seq = cfg.data.seq_length
+    dp, gbs, seq = runtime.data_parallel, cfg.train.global_batch_size, cfg.data.seq_length
+    shape = BatchShape.of_run(cfg, dp, runtime.device)
     train_ds, valid_ds, _ = build_datasets(
         cfg.data, seq, split_sample_counts(cfg.train, cfg.eval),
         cfg.train.seed, cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"), tokenizer,
@@ -124,7 +122,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
                         cfg.train.max_steps)
         return {"step": step, "consumed_samples": consumed}
 
-    train_iter = MicroBatches(train_ds, mbs, _dp_rank(), dp, consumed)
+    train_iter = MicroBatches(train_ds, shape.micro_batch_size, _dp_rank(), dp, consumed)
     peak, peak_source = device_peak_flops(cfg.precision.dtype, cfg.precision.fp8 is not None)
     fpt = flops_per_token(cfg.model, seq, cfg.parallel.tensor)
     throughput = Throughput(gbs * seq, fpt, runtime.world_size, peak)
@@ -132,25 +130,21 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     if runtime.is_main:
         logger.info("training %d -> %d steps | global batch %d = micro %d x accum %d x DP %d | "
                     "seq %d | %.3g FLOPs/token | peak %.3g FLOP/s (%s)", step, cfg.train.max_steps,
-                    gbs, mbs, num_micro, dp, seq, fpt, peak, peak_source)
+                    gbs, shape.micro_batch_size, shape.num_microbatches, dp, seq, fpt, peak, peak_source)
     stop = _StopSignal()
-    start_time = time.perf_counter()
+    collector = _GarbageCollector(cfg.train.manual_gc_interval)
     first_step = step
-    if cfg.train.manual_gc_interval:
-        gc.disable()
     checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model, saved_at=step if resume_path else None)
-    evaluator = Evaluator(cfg, state, valid_ds, runtime, metrics)
-    losses = LossWindow()
+    evaluator = Evaluator(cfg, state, valid_ds, shape, runtime, metrics)
+    progress = ProgressLog(cfg, runtime, metrics, throughput)
     try:
         if cfg.eval.at_start:
             evaluator.run(step)
             throughput.restart()
         while step < cfg.train.max_steps:
-            result = train_step(state, train_iter, num_micro, seq, mbs, runtime.device)
+            result = train_step(state, train_iter, shape)
             step += 1
             consumed += gbs
-            throughput.step()
-            losses.add(result.loss)
             if not math.isfinite(result.loss):
                 checkpointer.wait()  # publish a save still in flight: it holds good weights
                 raise NonFiniteLoss(
@@ -158,16 +152,9 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
                     f"({ckpt.read_latest(ckpt.checkpoint_root(cfg)) or 'none'}) stays `latest`: "
                     "lower optim.lr or check the data, then resume"
                 )
+            progress.step(step, consumed, result)
             checkpointer.poll()
-            if cfg.train.manual_gc_interval and step % cfg.train.manual_gc_interval == 0:
-                gc.collect()
-            if step % cfg.log.interval == 0 or step == cfg.train.max_steps:
-                record = {"step": step, **losses.take(), "step_loss": result.loss, "lr": result.lr,
-                          "grad_norm": result.grad_norm, **throughput.measure(),
-                          "consumed_samples": consumed, "elapsed_s": time.perf_counter() - start_time}
-                if runtime.is_main:
-                    logger.info(console_line(record, cfg.train.max_steps, throughput.eta_s(cfg.train.max_steps - step)))
-                metrics.write(record)
+            collector.step(step)
             if evaluator.due(step):
                 evaluator.run(step)
                 throughput.restart()
@@ -186,12 +173,53 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     finally:
         stop.restore()
         metrics.close()
-        if cfg.train.manual_gc_interval:
-            gc.enable()
+        collector.close()
     if runtime.is_main:
-        logger.info("%s", run_report(cfg, first_step, step, consumed, time.perf_counter() - start_time,
-                                     evaluator, checkpointer))
+        logger.info("%s", run_report(cfg, first_step, step, consumed, progress.elapsed_s(), evaluator, checkpointer))
     return {"step": step, "consumed_samples": consumed}
+
+
+class _GarbageCollector:
+    """With train.manual_gc_interval=N, Python's collector runs every N steps on every rank at
+    once instead of at random points (where one rank's pause stalls the others)."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        if interval:
+            gc.disable()
+
+    def step(self, step: int) -> None:
+        if self.interval and step % self.interval == 0:
+            gc.collect()
+
+    def close(self) -> None:
+        if self.interval:
+            gc.enable()
+
+
+class ProgressLog:
+    """The training log line and metrics record, every log.interval steps and at the last step."""
+
+    def __init__(self, cfg: RunConfig, runtime: Runtime, metrics: MetricsWriter, throughput: Throughput):
+        self.max_steps, self.interval = cfg.train.max_steps, cfg.log.interval
+        self.runtime, self.metrics, self.throughput = runtime, metrics, throughput
+        self.losses = LossWindow()
+        self._start = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._start
+
+    def step(self, step: int, consumed: int, result: StepResult) -> None:
+        self.throughput.step()
+        self.losses.add(result.loss)
+        if step % self.interval and step != self.max_steps:
+            return
+        record = {"step": step, **self.losses.take(), "step_loss": result.loss, "lr": result.lr,
+                  "grad_norm": result.grad_norm, **self.throughput.measure(),
+                  "consumed_samples": consumed, "elapsed_s": self.elapsed_s()}
+        if self.runtime.is_main:
+            logger.info(console_line(record, self.max_steps, self.throughput.eta_s(self.max_steps - step)))
+        self.metrics.write(record)
 
 
 class LossWindow:
@@ -214,8 +242,9 @@ class Evaluator:
     """Validation every eval.interval steps and at the last step: the mean loss over eval.iters
     global batches of the validation split (always the same ones). Keeps the last and best loss."""
 
-    def __init__(self, cfg: RunConfig, state, valid_ds, runtime: Runtime, metrics: MetricsWriter):
-        self.cfg, self.state, self.valid_ds, self.runtime, self.metrics = cfg, state, valid_ds, runtime, metrics
+    def __init__(self, cfg: RunConfig, state, valid_ds, shape: BatchShape, runtime: Runtime, metrics: MetricsWriter):
+        self.cfg, self.state, self.valid_ds, self.shape = cfg, state, valid_ds, shape
+        self.runtime, self.metrics = runtime, metrics
         self.last: Optional[tuple[int, float]] = None
         self.best: Optional[tuple[int, float]] = None
 
@@ -224,7 +253,7 @@ class Evaluator:
         return interval > 0 and (step % interval == 0 or step == self.cfg.train.max_steps)
 
     def run(self, step: int) -> float:
-        val_loss = evaluate(self.cfg, self.state, self.valid_ds, self.runtime)
+        val_loss = self.loss()
         record = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         if self.runtime.is_main:
             logger.info("validation at step %d: loss %.4f | ppl %.2f", step, val_loss, record["val_ppl"])
@@ -236,6 +265,14 @@ class Evaluator:
             record["samples"] = self._samples(step)
         self.metrics.write(record)
         return val_loss
+
+    def loss(self) -> float:
+        """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
+        if self.valid_ds is None:
+            return float("nan")
+        iterator = MicroBatches(self.valid_ds, self.shape.micro_batch_size, _dp_rank(), self.runtime.data_parallel, 0)
+        total = sum(eval_step(self.state, iterator, self.shape) for _ in range(self.cfg.eval.iters))
+        return total / max(self.cfg.eval.iters, 1)
 
     def _samples(self, step: int) -> list[dict]:
         """Greedy continuations of eval.prompts by the model as it is now (all ranks take part)."""
@@ -270,17 +307,3 @@ def run_report(cfg: RunConfig, first_step: int, step: int, consumed: int, second
         lines.append(f"  next             python -m megatron_plugin.export --checkpoint {checkpointer.root} "
                      f"--output {os.path.join(cfg.run_dir, 'hf')}")
     return "\n".join(lines)
-
-
-def evaluate(cfg: RunConfig, state, valid_ds, runtime: Runtime) -> float:
-    """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
-    if valid_ds is None:
-        return float("nan")
-    dp = runtime.data_parallel
-    mbs = cfg.train.micro_batch_size
-    num_micro = cfg.train.grad_accumulation_steps(dp)
-    iterator = MicroBatches(valid_ds, mbs, _dp_rank(), dp, 0)
-    total = 0.0
-    for _ in range(cfg.eval.iters):
-        total += eval_step(state, iterator, num_micro, cfg.data.seq_length, mbs, runtime.device)
-    return total / max(cfg.eval.iters, 1)

@@ -9,7 +9,24 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_plugin.config import RunConfig
 from megatron_plugin.training.optimizer import TrainState
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """How this rank feeds one global batch through the schedule: micro-batches of
+    `micro_batch_size` sequences of `seq_length` tokens, `num_microbatches` of them, on `device`."""
+
+    num_microbatches: int
+    micro_batch_size: int
+    seq_length: int
+    device: torch.device
+
+    @classmethod
+    def of_run(cls, cfg: RunConfig, data_parallel: int, device: torch.device) -> "BatchShape":
+        return cls(cfg.train.grad_accumulation_steps(data_parallel), cfg.train.micro_batch_size,
+                   cfg.data.seq_length, device)
 
 
 @dataclass
@@ -66,31 +83,29 @@ def _broadcast_from_last_stage(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def _run_schedule(state: TrainState, data_iterator, num_microbatches: int, seq_length: int,
-                  micro_batch_size: int, device: torch.device, forward_only: bool) -> float:
+def _run_schedule(state: TrainState, data_iterator, shape: BatchShape, forward_only: bool) -> float:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     losses = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, device),
+        forward_step_func=partial(_forward_step, shape.device),
         data_iterator=data_iterator,
         model=state.model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
+        num_microbatches=shape.num_microbatches,
+        seq_length=shape.seq_length,
+        micro_batch_size=shape.micro_batch_size,
         forward_only=forward_only,
     )
-    loss = _reduce_loss(losses, device) if parallel_state.is_pipeline_last_stage() else 0.0
-    return _broadcast_from_last_stage(loss, device)
+    loss = _reduce_loss(losses, shape.device) if parallel_state.is_pipeline_last_stage() else 0.0
+    return _broadcast_from_last_stage(loss, shape.device)
 
 
-def train_step(state: TrainState, data_iterator, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, device: torch.device) -> StepResult:
+def train_step(state: TrainState, data_iterator, shape: BatchShape) -> StepResult:
     for chunk in state.model:
         chunk.train()
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    loss = _run_schedule(state, data_iterator, num_microbatches, seq_length, micro_batch_size, device, False)
+    loss = _run_schedule(state, data_iterator, shape, False)
     success, grad_norm, _ = state.optimizer.step()
     lr = state.optimizer.param_groups[0]["lr"]
     if success:
@@ -99,11 +114,10 @@ def train_step(state: TrainState, data_iterator, num_microbatches: int, seq_leng
 
 
 @torch.no_grad()
-def eval_step(state: TrainState, data_iterator, num_microbatches: int, seq_length: int,
-              micro_batch_size: int, device: torch.device) -> float:
+def eval_step(state: TrainState, data_iterator, shape: BatchShape) -> float:
     for chunk in state.model:
         chunk.eval()
-    loss = _run_schedule(state, data_iterator, num_microbatches, seq_length, micro_batch_size, device, True)
+    loss = _run_schedule(state, data_iterator, shape, True)
     for chunk in state.model:
         chunk.train()
     return loss

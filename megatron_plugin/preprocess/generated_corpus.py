@@ -1,5 +1,5 @@
 """The smoke recipe's data: a generated corpus, a small SentencePiece model, an indexed dataset,
-made by the same preprocessing job users run on their own corpora."""
+made by the same preprocessing job users run on their own corpora, in RUN/data."""
 
 from __future__ import annotations
 
@@ -11,22 +11,24 @@ from megatron_plugin.data.synthetic import write_corpus
 logger = logging.getLogger(__name__)
 
 
-def generated_corpus_paths(data_dir: str) -> tuple[str, str]:
-    """(dataset prefix, tokenizer model path) of the generated corpus in `data_dir`."""
-    from megatron_plugin.preprocess import dataset_prefix
+def generated_corpus_paths(run_dir: str) -> tuple[str, str]:
+    """(dataset prefix, tokenizer model path) of the generated corpus of the run in `run_dir`."""
+    from megatron_plugin.preprocess.pipeline import dataset_prefix
 
+    data_dir = os.path.join(run_dir, "data")
     return dataset_prefix(os.path.join(data_dir, "corpus"), "text"), os.path.join(data_dir, "tokenizer.model")
 
 
-def prepare_generated_corpus(data_dir: str, vocab_size: int, num_documents: int = 2000) -> tuple[str, str]:
-    """Write the generated corpus, train its tokenizer and preprocess it into `data_dir`.
+def prepare_generated_corpus(run_dir: str, vocab_size: int, num_documents: int = 2000) -> tuple[str, str]:
+    """Write the generated corpus, train its tokenizer and preprocess it into RUN/data.
     Returns (dataset prefix, tokenizer model path). Reuses a complete earlier result."""
-    from megatron_plugin.preprocess import preprocess_files, train_tokenizer
+    from megatron_plugin.preprocess.pipeline import preprocess_files, train_tokenizer
 
-    os.makedirs(data_dir, exist_ok=True)
-    prefix, tokenizer_model = generated_corpus_paths(data_dir)
+    prefix, tokenizer_model = generated_corpus_paths(run_dir)
+    data_dir = os.path.dirname(prefix)
     if os.path.exists(prefix + ".idx") and os.path.exists(tokenizer_model):
         return prefix, tokenizer_model
+    os.makedirs(data_dir, exist_ok=True)
     corpus = write_corpus(os.path.join(data_dir, "corpus.jsonl"), num_documents=num_documents)
     logger.info("generated corpus: %s (%d documents)", corpus, num_documents)
     train_tokenizer([corpus], tokenizer_model[: -len(".model")], vocab_size=vocab_size)
