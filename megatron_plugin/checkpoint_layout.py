@@ -18,7 +18,6 @@ any module may import this one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -156,12 +155,3 @@ def read_run_config(ckpt_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}") from err
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read 1 MiB at a time."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

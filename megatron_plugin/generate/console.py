@@ -14,7 +14,7 @@ def user_errors() -> tuple:
     """Exceptions whose message is meant for the user: one `error:` line, exit status 2."""
     from megatron_plugin.config import ConfigError
     from megatron_plugin.export.hf_config import UnsupportedModelError
-    from megatron_plugin.training.checkpoint import CheckpointError
+    from megatron_plugin.checkpoint_layout import CheckpointError
 
     return (GenerateError, CheckpointError, UnsupportedModelError, ConfigError)
 

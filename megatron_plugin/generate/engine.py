@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.generate.errors import GenerateError
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Generator:
         self.check_prompts(prompts, options.max_new_tokens)
         eos = self.tokenizer.eos_id if (self.tokenizer is not None and options.stop_at_eos) else None
         if options.stop and self.tokenizer is None:
-            raise GenerateError("stop strings need the checkpoint's tokenizer.model")
+            raise GenerateError(f"stop strings need the checkpoint's {TOKENIZER_FILE}")
         device = next(self.model.parameters()).device
         batch = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts])

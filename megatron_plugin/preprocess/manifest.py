@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from megatron_plugin.data.indexed import WrittenDataset, bin_path, check_dataset, idx_path
 
-from .tokenizer import file_sha256
+from megatron_plugin.files import file_sha256
 
 FORMAT = "megatron_plugin.preprocess.manifest/1"
 

@@ -1,7 +1,6 @@
 """SentencePiece models: load, describe (spec flags, EOD id, checksum), and train on a bounded sample."""
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Iterable, Iterator, Optional
 import sentencepiece as spm
 
 from megatron_plugin.config import DEFAULT_VOCAB_SIZE
+from megatron_plugin.files import file_sha256
 
 from .errors import PreprocessError
 
@@ -54,14 +54,6 @@ class TokenizerInfo:
             "eod_id": self.eod_id,
             "normalization": self.spec.normalization if self.spec else None,
         }
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_spec(model_path: str) -> Optional[ModelSpec]:

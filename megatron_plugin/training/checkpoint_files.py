@@ -14,7 +14,8 @@ import json
 import os
 from typing import Optional
 
-from megatron_plugin.checkpoint_layout import FILES_MANIFEST, OPTIMIZER_DIR, file_sha256
+from megatron_plugin.checkpoint_layout import FILES_MANIFEST, OPTIMIZER_DIR
+from megatron_plugin.files import file_sha256
 
 # Files up to this size are checksummed as well as sized.
 CHECKSUM_MAX_BYTES = 1 << 20
