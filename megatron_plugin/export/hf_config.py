@@ -61,11 +61,20 @@ def to_hf_config(
 
 
 def generation_config(
-    bos_token_id: Optional[int], eos_token_id: Optional[int], pad_token_id: Optional[int]
+    bos_token_id: Optional[int],
+    eos_token_id: Optional[int],
+    pad_token_id: Optional[int],
+    end_of_turn_id: Optional[int] = None,
 ) -> Dict[str, Any]:
+    """generation_config.json. With a chat tokenizer (`end_of_turn_id`, the template's
+    `<|im_end|>`), generation stops at either token: a chat reply ends with the end of its turn,
+    plain text with EOS. The plain EOS stays first, where `generate` takes its padding fallback."""
     import transformers
 
-    config: Dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id}
+    eos: Any = eos_token_id
+    if end_of_turn_id is not None and end_of_turn_id != eos_token_id:
+        eos = [i for i in (eos_token_id, end_of_turn_id) if i is not None]
+    config: Dict[str, Any] = {"bos_token_id": bos_token_id, "eos_token_id": eos}
     if pad_token_id is not None:
         config["pad_token_id"] = pad_token_id
     config["transformers_version"] = transformers.__version__

@@ -9,6 +9,14 @@ split like ordinary text, because SentencePiece never treats "</s>" typed in a d
 Our data is tokenized with no BOS and the EOS appended once per document, so the tokenizer adds
 neither: encoding a prompt gives the same ids as SentencePiece, EOS is the `eos_token` that
 generation stops at.
+
+A model with the chat control pieces (`megatron_plugin.chat.template`) also gets the chat template
+(`chat_template` in tokenizer_config.json) and the control tokens as added tokens, so that
+`apply_chat_template` gives the ids our own chat encoding gives. They are added tokens but not
+"special" in the `tokenizers` sense: the folder keeps `split_special_tokens=True` (so "</s>" typed
+in text stays text, as in SentencePiece), and that setting would split special tokens in the
+rendered template too. `chat_control_tokens` names them, so `apply_chat_template(...,
+sanitize_control_tokens=True)` encodes the same strings typed inside a message as plain text.
 """
 
 from __future__ import annotations
@@ -19,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_plugin.chat.template import CONTROL_TOKENS, IM_END, JINJA_TEMPLATE, TEMPLATE_ID, TEMPLATE_VERSION
 from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.errors import UserError
 
 UNIGRAM = 1  # sentencepiece TrainerSpec.ModelType
+CONTROL = 3  # sentencepiece ModelProto.SentencePiece.Type
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,7 @@ class SpecialIds:
     pad: Optional[int]
     unk: Optional[int]
     vocab_size: int
+    end_of_turn: Optional[int] = None  # the chat template's <|im_end|>, when the model has the control pieces
 
 
 def special_ids(sp_model: Path) -> SpecialIds:
@@ -42,12 +53,14 @@ def special_ids(sp_model: Path) -> SpecialIds:
     def valid(i: int) -> Optional[int]:
         return i if i >= 0 else None
 
+    chat = all(sp.piece_to_id(t) != sp.unk_id() and sp.is_control(sp.piece_to_id(t)) for t in CONTROL_TOKENS)
     return SpecialIds(
         bos=valid(sp.bos_id()),
         eos=valid(sp.eos_id()),
         pad=valid(sp.pad_id()),
         unk=valid(sp.unk_id()),
         vocab_size=sp.get_piece_size(),
+        end_of_turn=sp.piece_to_id(IM_END) if chat else None,
     )
 
 
@@ -84,6 +97,13 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
     if backend is None:
         raise RuntimeError(f"{sp_model}: unsupported SentencePiece model type")
 
+    if ids.end_of_turn is not None:
+        from tokenizers import AddedToken
+
+        # Matched whole in the rendered template (never merged with the text around them);
+        # normalized=False so the normalizer's space handling cannot change what they match.
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in CONTROL_TOKENS])
+
     def piece(i: Optional[int]) -> Optional[str]:
         return proto.pieces[i].piece if i is not None else None
 
@@ -109,6 +129,12 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path) -> SpecialIds:
             "add_eos_token": False,
         }
     )
+    if ids.end_of_turn is not None:
+        # Written here and only here, from the template module, so that preprocessing, generation
+        # and the exported folder cannot drift apart.
+        config["chat_template"] = JINJA_TEMPLATE
+        config["chat_control_tokens"] = list(CONTROL_TOKENS)
+        config["chat_template_id"] = f"{TEMPLATE_ID}/{TEMPLATE_VERSION}"
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     shutil.copyfile(sp_model, out_dir / TOKENIZER_FILE)
     return ids

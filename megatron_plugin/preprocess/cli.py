@@ -1,4 +1,4 @@
-"""Command line: ``python -m megatron_plugin.preprocess [encode|train-tokenizer|merge|inspect] ...``.
+"""Command line: ``python -m megatron_plugin.preprocess [encode|sft|train-tokenizer|merge|inspect] ...``.
 
 Without a sub-command the arguments are those of ``encode``, whose flags keep the names of
 Megatron-LM's ``tools/preprocess_data.py`` (``--input``, ``--output-prefix``, ``--tokenizer-model``,
@@ -18,7 +18,7 @@ from .pipeline import PreprocessOptions, preprocess, train_tokenizer
 from .readers import TEXT_UNITS
 from .tokenizer import NORMALIZATIONS
 
-SUBCOMMANDS = ("encode", "train-tokenizer", "merge", "inspect")
+SUBCOMMANDS = ("encode", "sft", "train-tokenizer", "merge", "inspect")
 SP_TYPES = ("GPTSentencePieceTokenizer", "SentencePieceTokenizer", "Llama2Tokenizer")
 # The encode flags' argparse dests are PreprocessOptions field names, so the parsed arguments
 # become the options as they are and every default is the dataclass's own.
@@ -69,6 +69,32 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--tokenizer-model", default=None, help="to decode (default: from the manifest)")
         p.add_argument("--show", type=int, default=3, help="documents to decode (default 3)")
         return p
+    if cmd == "sft":
+        from .sft import DEFAULT_MAX_LENGTH, TOO_LONG_POLICIES
+
+        p = argparse.ArgumentParser(
+            prog=f"{prog} sft",
+            description="Chat data (messages, ShareGPT conversations, prompt/completion) -> token ids and "
+                        "a loss mask (PREFIX_tokens_document + PREFIX_loss_mask_document + .json manifest).",
+        )
+        p.add_argument("--input", dest="inputs", metavar="INPUT", nargs="+", required=True,
+                       help="files, directories or globs: .jsonl/.json(.gz/.zst), .parquet; one conversation each")
+        p.add_argument("--output-prefix", required=True,
+                       help="writes {prefix}_tokens_document and {prefix}_loss_mask_document (.bin/.idx/.json)")
+        p.add_argument("--tokenizer-model", required=True,
+                       help="SentencePiece .model with the chat control pieces (train-tokenizer reserves them)")
+        p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                       help="most tokens per conversation (default %(default)s)")
+        p.add_argument("--too-long", choices=TOO_LONG_POLICIES, default="truncate",
+                       help="longer conversations: truncate (drop the last whole turns that do not fit) "
+                            "or drop them; counted by reason in the manifest (default: %(default)s)")
+        p.add_argument("--on-error", choices=("stop", "skip"), default=_default("on_error"),
+                       help="bad records: stop naming file and line, or skip and count them (default: %(default)s)")
+        p.add_argument("--chunk-bytes", type=int, default=_default("chunk_bytes"),
+                       help=f"input bytes read at a time (default {_default('chunk_bytes'):,})")
+        p.add_argument("--overwrite", action="store_true", help="redo an output that is already complete")
+        p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        return p
     if cmd == "train-tokenizer":
         p = argparse.ArgumentParser(prog=f"{prog} train-tokenizer",
                                     description="Train a BPE SentencePiece model on a bounded sample.")
@@ -80,7 +106,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Raw corpora -> SentencePiece tokens -> Megatron indexed dataset "
                     "(PREFIX_KEY_document.bin/.idx + .json manifest).",
-        epilog="Other sub-commands: train-tokenizer, merge, inspect (see --help of each).",
+        epilog="Other sub-commands: sft, train-tokenizer, merge, inspect (see --help of each).",
     )
     _add_input_args(p)
     p.add_argument("--output-prefix", required=True,
@@ -146,6 +172,11 @@ def _run(cmd: str, args: argparse.Namespace) -> int:
 
         m = merge_prefixes(expand_prefixes(args.prefixes), args.output_prefix)
         print(mf.summary_line(m), file=sys.stderr)
+        return 0
+    if cmd == "sft":
+        from .sft import SFTOptions, preprocess_sft_job
+
+        preprocess_sft_job(SFTOptions(**vars(args)))
         return 0
     if cmd == "train-tokenizer":
         path = train_tokenizer(args.inputs, args.model_prefix, vocab_size=args.vocab_size,

@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, Optional
 
 import sentencepiece as spm
 
+from megatron_plugin.chat.template import CONTROL_TOKENS
 from megatron_plugin.config import DEFAULT_VOCAB_SIZE
 from megatron_plugin.files import file_sha256
 
@@ -151,6 +152,10 @@ class TrainerOptions:
     sample_sentences: int = 1_000_000  # reservoir size (lines of text)
     seed: int = 0
     threads: int = 0  # 0: all cores
+    # The chat template's control pieces (ids 3 and 4, right after unk/bos/eos). Control pieces,
+    # not user-defined ones: encode never produces them, so text typed in a message cannot
+    # become one. Reserved in every model so that a pretrained model can be fine-tuned for chat.
+    control_symbols: tuple = CONTROL_TOKENS
     extra: dict = field(default_factory=dict)  # any other SentencePieceTrainer option
 
     @property
@@ -221,6 +226,8 @@ def train_sentencepiece(docs: Iterable[str], model_prefix: str, opts: TrainerOpt
         minloglevel=2,
         **NORMALIZATIONS[opts.normalization],
     )
+    if opts.control_symbols:
+        kwargs["control_symbols"] = list(opts.control_symbols)
     kwargs.update(opts.extra)
     try:
         spm.SentencePieceTrainer.train(**kwargs)
