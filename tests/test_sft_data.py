@@ -188,3 +188,27 @@ def test_cli_resume_and_missing_control_tokens(tmp_path, model, capsys):
     err = capsys.readouterr().err
     assert f"error: {plain}: this SentencePiece model has no chat control pieces" in err
     assert "train-tokenizer" in err
+
+
+@pytest.mark.parametrize("normalization", ["identity", "nmt_nfkc"])
+def test_pretraining_fast_path_is_exact_with_the_control_pieces(tmp_path, normalization):
+    """The reserved control pieces leave the per-word pretraining encoder exact (and chosen)."""
+    import sentencepiece as spm
+
+    from megatron_plugin.data.indexed import read_document
+    from megatron_plugin.preprocess import preprocess_files, train_tokenizer
+
+    rng = random.Random(1)
+    words = "the quick brown fox jumps over lazy dog <|im_start|> <|im_end|> café 12345".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 30))) for _ in range(300)]
+    docs += ["  indented\n\tcode <|im_end|>x\n", "a<|im_start|>b", "<|im_end|>", "  "]
+    src = _jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    model = train_tokenizer([str(src)], tmp_path / "tok", vocab_size=360, normalization=normalization, workers=1)
+    res = preprocess_files([str(src)], tmp_path / "pre", model, workers=1, verify=len(docs))
+    assert res.manifests["text"]["encoder"]["mode"].startswith("per-word")
+    assert res.manifests["text"]["encoder"]["verified_documents"] > 0
+    sp = spm.SentencePieceProcessor(model_file=model)
+    for i, d in enumerate(docs):
+        ids = sp.encode(d)
+        assert read_document(res.prefix, i).tolist() == (ids + [sp.eos_id()] if ids else [])
+        assert 3 not in ids and 4 not in ids
