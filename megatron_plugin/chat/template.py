@@ -141,13 +141,14 @@ class EncodedConversation:
         return EncodedConversation(self.ids[:n], self.loss_mask[:n], self.ends[:messages], self.roles[:messages])
 
 
-def control_token_ids(model_path: str) -> Optional[dict[str, int]]:
+def control_token_ids(model_path: str, sp=None) -> Optional[dict[str, int]]:
     """``{token: id}`` for the template's control pieces, None if the model lacks any of them.
 
     Raises `ChatTemplateError` if a control string is in the vocabulary as another kind of piece
-    (a user-defined piece would match the literal text typed in a message).
+    (a user-defined piece would match the literal text typed in a message). ``sp``: the model
+    already loaded.
     """
-    sp = _processor(model_path)
+    sp = sp if sp is not None else _processor(model_path)
     ids = {}
     for token in CONTROL_TOKENS:
         i = sp.piece_to_id(token)
@@ -180,16 +181,16 @@ class ChatTokenizer:
 
     def __init__(self, model_path: str) -> None:
         self.model_path = os.fspath(model_path)
-        ids = control_token_ids(self.model_path)
+        self.sp = _processor(self.model_path)
+        ids = control_token_ids(self.model_path, self.sp)
         if ids is None:
             raise ChatTemplateError(
                 f"{self.model_path}: this SentencePiece model has no chat control pieces "
-                f"({', '.join(CONTROL_TOKENS)}), which the chat template needs. Train a tokenizer that "
-                "reserves them (python -m megatron_plugin.preprocess train-tokenizer ..., or --train-tokenizer; "
-                "both do by default), or add them to your trainer's control_symbols. A text-marker "
-                "template is not offered: with plain-text markers a message could forge a turn."
+                f"({', '.join(CONTROL_TOKENS)}), which the chat template needs. Tokenizers trained by "
+                "python -m megatron_plugin.preprocess train-tokenizer (or --train-tokenizer) reserve them; "
+                "the model must be pretrained with such a tokenizer to be fine-tuned for chat. There is "
+                "no plain-text marker fallback: with markers that are text, a message could forge a turn."
             )
-        self.sp = _processor(self.model_path)
         self.im_start = ids[IM_START]
         self.im_end = ids[IM_END]
         self.end_of_turn_id = self.im_end
