@@ -194,3 +194,16 @@ def test_bad_conversations_are_refused_by_reason(chat, messages, reason):
     with pytest.raises(ConversationError) as err:
         ours.encode(messages)
     assert err.value.reason == reason
+
+
+def test_export_of_a_trained_run_stops_at_the_end_of_a_turn(tmp_path_factory):
+    """A checkpoint trained on the package's own tokenizer exports a folder whose generation
+    config stops at `<|im_end|>` as well as at EOS, and whose tokenizer carries the template."""
+    from generate_smoke_worker import smoke_run
+
+    smoke = smoke_run(tmp_path_factory)
+    ours = ChatTokenizer(str(smoke.hf_dir / "tokenizer.model"))
+    generation = json.loads((smoke.hf_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.sp.eos_id(), ours.im_end]
+    config = json.loads((smoke.hf_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == JINJA_TEMPLATE

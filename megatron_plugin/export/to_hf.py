@@ -146,7 +146,7 @@ def export_checkpoint(
         config = to_hf_config(model, out_dtype, ids.bos, ids.eos, ids.pad)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (staging / "generation_config.json").write_text(
-            json.dumps(generation_config(ids.bos, ids.eos, ids.pad), indent=2) + "\n"
+            json.dumps(generation_config(ids.bos, ids.eos, ids.pad, end_of_turn_id=ids.end_of_turn), indent=2) + "\n"
         )
         write_hf_tokenizer(sp_model, staging)
         logger.info("wrote %s", ", ".join(files))
