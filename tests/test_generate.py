@@ -62,6 +62,44 @@ def test_batch_of_different_lengths_gives_each_prompt_its_own_tokens(generator):
     assert [b.text for b in batch] == [a.text for a in alone]
 
 
+def test_decode_steps_run_without_the_cpu_mode_and_give_the_same_tokens(generator):
+    """The steps drop CPU mode's CUDA->CPU TorchFunctionMode; with it kept on (another function mode
+    entered above it) and inside `cpu_mode.suspended()` the tokens and log-probabilities are the
+    same."""
+    from torch.overrides import TorchFunctionMode
+
+    from megatron_plugin.runtime import cpu_mode
+
+    class PassThrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    modes_in_forward = []
+
+    def record_modes(module, args):
+        stack = [torch._C._get_function_stack_at(i) for i in range(torch._C._len_torch_function_stack())]
+        modes_in_forward.append(cpu_mode._mode is not None and cpu_mode._mode in stack)
+
+    ids = generator.encode_prompts(PROMPTS)
+    options = greedy(logprobs=True)
+    hook = generator.model.register_forward_pre_hook(record_modes)
+    try:
+        paused = generator.generate(ids, options)
+        steps = len(modes_in_forward)
+        with PassThrough():
+            kept = generator.generate(ids, options)
+        with cpu_mode.suspended():
+            suspended = generator.generate(ids, options)
+    finally:
+        hook.remove()
+    assert not any(modes_in_forward[:steps])
+    if cpu_mode._mode is not None:
+        assert all(modes_in_forward[steps:2 * steps])
+    for other in (kept, suspended):
+        assert [g.tokens for g in other] == [g.tokens for g in paused]
+        assert [g.logprobs for g in other] == [g.logprobs for g in paused]
+
+
 @pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.8, top_k=20),
                                       dict(temperature=1.2, top_p=0.9)])
 def test_seeded_sampling_is_reproducible(generator, sampling):

@@ -266,3 +266,22 @@ def suspended():
         yield
     finally:
         _mode.__enter__()
+
+
+@contextlib.contextmanager
+def redirect_paused():
+    """Run a block of torch calls that need none of the CUDA->CPU redirections of the
+    TorchFunctionMode (5. above) without it, so that they do not each pass through Python: e.g. a
+    built model's forward, whose devices come from the patched `torch.cuda.current_device()`.
+    Unlike `suspended`, it nests, and it takes the mode off only while it is the innermost function
+    mode (another mode entered above it stays and the block runs with both). A no-op when CPU
+    mode is off."""
+    depth = torch._C._len_torch_function_stack()
+    if _mode is None or depth == 0 or torch._C._get_function_stack_at(depth - 1) is not _mode:
+        yield
+        return
+    _mode.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        _mode.__enter__()
