@@ -13,6 +13,11 @@ a single query attends to every key (no mask), and a chunk of queries gets the b
 aligned causal mask. Megatron-Core passes `attn_mask_type=no_mask` on every step after the first
 with its static inference context; for a causal layer that is only right when sq == 1, so the
 layer's causal type, with the alignment above, decides.
+
+Packed sequences (SFT rows holding several conversations) come as Megatron-Core's
+`PackedSeqParams` in its "thd" format: q/k/v [t, heads, hn] with the sequence boundaries in
+`cu_seqlens_q`. Each sequence gets its own causal attention, so no token attends across a
+boundary; RoPE positions restart per sequence in Megatron's own rotary code on that path.
 """
 
 from __future__ import annotations
@@ -65,8 +70,10 @@ class SDPAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
+        if packed_seq_params is not None:
+            return self._packed(query, key, value, packed_seq_params)
         sq, batch, heads, head_dim = query.shape
         # [s, b, n, d] -> [b, n, s, d]: the layout SDPA's kernels expect.
         q = query.permute(1, 2, 0, 3)
@@ -99,3 +106,27 @@ class SDPAttention(MegatronModule):
             context = F.scaled_dot_product_attention(q, k, v, **kwargs)
         # [b, n, s, d] -> [s, b, n * d]
         return context.permute(2, 0, 1, 3).reshape(sq, batch, heads * head_dim)
+
+    def _packed(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, params) -> torch.Tensor:
+        """thd format: causal attention within each sequence of `cu_seqlens_q` (one SDPA call per
+        sequence: the fused causal kernel, and no [t, t] mask for the whole pack)."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention supports packed sequences in the thd format only, got {params.qkv_format}")
+        if not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv):
+            raise ValueError("SDPAttention needs the same packed sequences for queries and keys")
+        if self.dropout_p > 0.0 and self.training:
+            raise ValueError("SDPAttention supports no attention dropout with packed sequences")
+        total, heads, head_dim = query.shape
+        # [t, n, d] -> [1, n, t, d]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        gqa = k.shape[1] != q.shape[1]
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(f"packed sequences cover tokens {bounds[0]}..{bounds[-1]} of {total}")
+        parts = [
+            F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=self.causal,
+                                           scale=self.softmax_scale, enable_gqa=gqa)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ]
+        # [1, n, t, d] -> [t, n * d]
+        return torch.cat(parts, dim=2)[0].permute(1, 0, 2).reshape(total, heads * head_dim)
