@@ -41,8 +41,9 @@ ITER_PREFIX = "iter_"
 ITER_DIR = re.compile(rf"^{ITER_PREFIX}(\d+)$")
 
 # Written by dist_checkpointing.save: its own metadata, and the torch.distributed.checkpoint index.
+# (megatron-core 0.16 also writes the common state to common.pt, 0.19 into the .distcp files.)
 MODEL_METADATA_FILE = "metadata.json"
-MODEL_FILES = (MODEL_METADATA_FILE, ".metadata", "common.pt")
+MODEL_FILES = (MODEL_METADATA_FILE, ".metadata")
 MODEL_DATA_GLOB = "*.distcp"
 
 

@@ -8,7 +8,7 @@ from megatron_plugin.runtime import cpu_mode
 
 def test_untested_megatron_core_is_refused(monkeypatch):
     monkeypatch.setattr(megatron.core, "__version__", "0.15.2")
-    with pytest.raises(RuntimeError, match=r"tested with megatron-core 0\.16\.0, 0\.16\.1 .* has 0\.15\.2"):
+    with pytest.raises(RuntimeError, match=r"tested with megatron-core 0\.16\.0, 0\.16\.1, 0\.19\.2 .* has 0\.15\.2"):
         cpu_mode.check_megatron_core_version()
 
 

@@ -163,7 +163,10 @@ def test_corrupt_data_file_fails_and_leaves_no_output(tp2_run, tmp_path):
     broken = tmp_path / "iter_0000003"
     shutil.copytree(tp2_run / "checkpoints" / "iter_0000003", broken)
     data = sorted(broken.glob("*.distcp"))[0]
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
+    # A tenth, not a third: megatron-core 0.19 writes one file per rank (thread_count 1, was 2)
+    # with the model's tensors in its first ~quarter and the optimizer's after them, so a cut at a
+    # third would leave every tensor the export reads intact.
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 10])
     out = tmp_path / "hf"
     with pytest.raises(CheckpointError, match="missing or damaged"):
         export_checkpoint(broken, out, dtype="fp32")

@@ -37,3 +37,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # megatron-core 0.19: torch.distributed.checkpoint's notes on reading the common state, and
+    # the log records (GPTModel deprecation, ...) listed in expected_warnings.
+    from megatron_plugin.runtime import expected_warnings
+
+    expected_warnings.install()

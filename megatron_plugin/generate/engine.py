@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from megatron_plugin.checkpoint_layout import TOKENIZER_FILE
 from megatron_plugin.generate.errors import GenerateError
-from megatron_plugin.runtime import cpu_mode
+from megatron_plugin.runtime import cpu_mode, mcore_compat
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,6 @@ class Generator:
                  max_sequence_length: Optional[int] = None):
         from megatron.core import parallel_state
         from megatron.core.inference.contexts import StaticInferenceContext
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import (
-            GPTInferenceWrapper,
-        )
-        from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
-            InferenceWrapperConfig,
-        )
         from megatron.core.inference.text_generation_controllers.text_generation_controller import (
             TextGenerationController,
         )
@@ -103,16 +97,8 @@ class Generator:
         config = get_model_config(model)
         self.max_sequence_length = max_sequence_length or model.max_sequence_length
         self.params_dtype = config.params_dtype
-        self._wrapper_config = InferenceWrapperConfig(
-            hidden_size=config.hidden_size,
-            params_dtype=config.params_dtype,
-            # Pipeline stages see the whole batch at once (no micro-batching of prompts).
-            inference_batch_times_seqlen_threshold=-1,
-            padded_vocab_size=model.vocab_size,
-            fp32_residual_connection=config.fp32_residual_connection,
-        )
         self._context_class = StaticInferenceContext
-        self.wrapper = GPTInferenceWrapper(model, self._wrapper_config, StaticInferenceContext(1, 1))
+        self.wrapper = mcore_compat.inference_wrapper(model, StaticInferenceContext(1, 1))
         self.controller = TextGenerationController(self.wrapper, tokenizer)
         self.pipeline_parallel = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -211,7 +197,7 @@ class Generator:
         """The wrapper's run_one_forward_step without its inference_mode (see `generate`); the
         whole batch goes through the pipeline at once."""
         if self.pipeline_parallel:
-            return self.wrapper.forward_pass_with_pipeline_parallel_small_input_batch(window)
+            return mcore_compat.pipeline_forward(self.wrapper)(window)
         return self.wrapper.forward_pass_without_pipeline_parallel(window)
 
     def _last_token_logits(self, logits: Optional[torch.Tensor], batch: int) -> torch.Tensor:

@@ -32,6 +32,8 @@ Megatron-Core assumes CUDA in a handful of places. With CUDA absent we redirect 
    which gloo passes as CPU tensors: the check becomes "a tensor is there".
 10. Megatron's RoPE, SwiGLU and torch RMSNorm of the local layer spec take the CPU kernels of
    `megatron_plugin.model.fused_ops` for CPU tensors (`fused_ops.install`).
+11. `torch.cuda.current_stream()` (megatron-core 0.19's DDP waits on it before each gradient
+   reduction) -> a stream with nothing to wait for.
 
 Everything is switched on by `enable()` only when CUDA is absent, and only for the
 megatron-core versions listed in `TESTED_MEGATRON_CORE`.
@@ -49,7 +51,7 @@ from torch.overrides import TorchFunctionMode
 logger = logging.getLogger(__name__)
 
 # megatron-core releases this module was tested with (major.minor.patch prefixes).
-TESTED_MEGATRON_CORE = ("0.16.0", "0.16.1")
+TESTED_MEGATRON_CORE = ("0.16.0", "0.16.1", "0.19.2")
 
 _enabled = False
 _mode: "_CudaToCpuMode | None" = None
@@ -172,6 +174,23 @@ def _tensor_present(tensor) -> None:
     assert tensor is not None
 
 
+class _NullStream:
+    """Stands in for `torch.cuda.current_stream()`: megatron-core 0.19's DDP bucket group waits on
+    it for CUDA-graph weight-gradient events (none on CPU) before every gradient reduction."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_NULL_STREAM = _NullStream()
+
+
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
@@ -202,7 +221,7 @@ def check_megatron_core_version() -> str:
         raise RuntimeError(
             f"CPU mode was tested with megatron-core {', '.join(TESTED_MEGATRON_CORE)} and this "
             f"environment has {version}. Install a tested release "
-            "(pip install 'megatron-core>=0.16.0,<0.17') or run on a CUDA machine."
+            "(pip install 'megatron-core>=0.16.0,<0.17' or 'megatron-core==0.19.2') or run on a CUDA machine."
         )
     return version
 
@@ -229,6 +248,7 @@ def enable() -> bool:
     torch.cuda.set_rng_state = _cpu_rng_set
     torch.cuda.manual_seed = _cpu_manual_seed
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.cuda.current_stream = lambda *args, **kwargs: _NULL_STREAM
     tp_random._get_cuda_rng_state = _cpu_rng_get
     tp_random._set_cuda_rng_state = _cpu_rng_set
     transformer_utils.get_default_causal_mask = _cpu_causal_mask

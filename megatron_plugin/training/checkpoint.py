@@ -42,6 +42,7 @@ from megatron_plugin.checkpoint_layout import (
     write_latest,
 )
 from megatron_plugin.config import RunConfig, data_parallel_size, model_config_from_dict
+from megatron_plugin.runtime import mcore_compat
 from megatron_plugin.training.checkpoint_files import find_damage, write_file_manifest
 from megatron_plugin.training.optimizer import TrainState
 from megatron_plugin.training.optimizer_state import (
@@ -189,7 +190,8 @@ class Checkpointer:
                 "rng": _rng_sharded(),
             }
             optimizer_request = dist_checkpointing.save(
-                optimizer_sd, os.path.join(partial, OPTIMIZER_DIR), async_sharded_save=asynchronous)
+                optimizer_sd, os.path.join(partial, OPTIMIZER_DIR), async_sharded_save=asynchronous,
+                **mcore_compat.async_save_kwargs(asynchronous))
             if _is_rank0():
                 self._write_metadata(partial, step, consumed_samples)
         except Exception as error:
