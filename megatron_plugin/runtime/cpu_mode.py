@@ -281,11 +281,8 @@ def suspended():
     if _mode is None:
         yield
         return
-    _mode.__exit__(None, None, None)
-    try:
+    with _mode_off():
         yield
-    finally:
-        _mode.__enter__()
 
 
 @contextlib.contextmanager
@@ -300,6 +297,13 @@ def redirect_paused():
     if _mode is None or depth == 0 or torch._C._get_function_stack_at(depth - 1) is not _mode:
         yield
         return
+    with _mode_off():
+        yield
+
+
+@contextlib.contextmanager
+def _mode_off():
+    """The TorchFunctionMode taken off for a block and put back after it."""
     _mode.__exit__(None, None, None)
     try:
         yield
