@@ -44,6 +44,10 @@ class SamplingOptions:
     seed: int = DEFAULT_SEED
     stop: Sequence[str] = ()  # stop strings; the completion ends before the first one
     stop_at_eos: bool = True
+    # More ids that end a generation as EOS does (finish_reason "eos", the id kept as the last of
+    # `tokens`, left out of `text`), e.g. a chat template's end-of-turn token; ended on whatever
+    # `stop_at_eos` says.
+    stop_token_ids: Sequence[int] = ()
     logprobs: bool = False  # log-probability of each generated token
 
     def check(self) -> None:
@@ -59,6 +63,8 @@ class SamplingOptions:
             raise GenerateError("--top-k and --top-p together: Megatron-Core's sampler takes one of them")
         if any(not s for s in self.stop):
             raise GenerateError("--stop '': a stop string must not be empty")
+        if any(not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
+            raise GenerateError(f"stop_token_ids {list(self.stop_token_ids)}: token ids must be integers >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -68,9 +74,9 @@ class SamplingOptions:
 @dataclass
 class Generation:
     prompt_tokens: List[int]
-    tokens: List[int] = field(default_factory=list)  # generated ids (an EOS that ended it included)
+    tokens: List[int] = field(default_factory=list)  # generated ids (an EOS / stop id that ended it included)
     logprobs: Optional[List[float]] = None
-    finish_reason: str = "length"  # length | eos | stop
+    finish_reason: str = "length"  # length | eos (EOS or one of stop_token_ids) | stop (a stop string)
     text: Optional[str] = None  # the completion, cut before a stop string (with a tokenizer)
 
 
@@ -129,7 +135,7 @@ class Generator:
 
         options.check()
         self.check_prompts(prompts, options.max_new_tokens)
-        eos = self.tokenizer.eos_id if (self.tokenizer is not None and options.stop_at_eos) else None
+        end_ids = self._end_ids(options)
         if options.stop and self.tokenizer is None:
             raise GenerateError(f"stop strings need the checkpoint's {TOKENIZER_FILE}")
         device = next(self.model.parameters()).device
@@ -179,7 +185,7 @@ class Generator:
                 result.tokens.append(chosen[row])
                 if logprobs is not None:
                     result.logprobs.append(logprobs[row])
-                active[row] = self._still_active(result, chosen[row], eos, options)
+                active[row] = self._still_active(result, chosen[row], end_ids, options)
                 if on_token is not None:
                     on_token(row, result)
             if not any(active) or end + 1 >= total:
@@ -224,13 +230,25 @@ class Generator:
         dist.broadcast(sampled, src=self.tp_src, group=self.tp_group)
         return sampled
 
+    def _end_ids(self, options: SamplingOptions) -> frozenset:
+        """The ids that end a generation: EOS (unless `stop_at_eos` is off) and `stop_token_ids`."""
+        for i in options.stop_token_ids:
+            if i >= self.vocab_size:
+                raise GenerateError(
+                    f"stop token id {i} is outside the model's vocabulary of {self.vocab_size} ids"
+                )
+        ids = set(options.stop_token_ids)
+        if options.stop_at_eos and self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return frozenset(ids)
+
     def _text_tokens(self, result: Generation) -> List[int]:
         if result.finish_reason == "eos":
             return result.tokens[:-1]
         return result.tokens
 
-    def _still_active(self, result: Generation, token: int, eos: Optional[int], options: SamplingOptions) -> bool:
-        if eos is not None and token == eos:
+    def _still_active(self, result: Generation, token: int, end_ids: frozenset, options: SamplingOptions) -> bool:
+        if token in end_ids:
             result.finish_reason = "eos"
             return False
         if options.stop:

@@ -1,10 +1,11 @@
-"""Where prompts come from (arguments, a file, stdin) and how results are written (JSONL)."""
+"""Where prompts come from (arguments, a file, stdin; conversations for chat) and how results are
+written (JSONL)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import IO, Iterable, List, Optional
+from typing import IO, Iterable, List, Optional, Tuple
 
 from megatron_plugin.generate.engine import Generation
 from megatron_plugin.generate.errors import GenerateError
@@ -40,6 +41,52 @@ def parse_prompt_lines(lines: Iterable[str], source: str) -> List[str]:
             raise GenerateError(f'{source}:{n}: needs a string "prompt" key, e.g. {{"prompt": "Once upon"}}')
         prompts.append(record["prompt"])
     return prompts
+
+
+def read_messages_file(path: str | Path, system: Optional[str] = None) -> List[Tuple[str, List[dict]]]:
+    """Scripted conversations for `--messages`: JSONL, one `{"messages": [{"role", "content"}, ...]}`
+    per line (the SFT data's OpenAI format), the last message the user's. Returns ("FILE:LINE",
+    messages) for each non-blank line; a conversation without a system message gets `system`."""
+    from megatron_plugin.generate.chat import check_conversation
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"--messages {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise GenerateError(f"--messages {path}: not UTF-8 text ({err})") from None
+    conversations = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise GenerateError(f"{where}: not valid JSON ({err.msg}); use one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise GenerateError(
+                f'{where}: needs a "messages" list, e.g. {{"messages": [{{"role": "user", "content": "Hi"}}]}}'
+            )
+        messages = record["messages"]
+        if system and not (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": system}] + messages
+        conversations.append((where, check_conversation(messages, where)))
+    if not conversations:
+        raise GenerateError(f'--messages {path} has no conversations (it is empty): put one {{"messages": [...]}} per line')
+    return conversations
+
+
+def chat_record(messages: List[dict], reply) -> dict:
+    """One `--messages` / `--chat --jsonl` result: the conversation and its reply (a ChatReply)."""
+    return {
+        "messages": messages,
+        "reply": reply.text,
+        "ended_turn": reply.ended_turn,
+        "finish_reason": reply.finish_reason,
+        "tokens": reply.tokens,
+    }
 
 
 def result_record(prompt: str, generation: Generation) -> dict:
