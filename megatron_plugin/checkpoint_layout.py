@@ -34,6 +34,11 @@ TOKENIZER_FILE = "tokenizer.model"
 FILES_MANIFEST = "files.json"
 OPTIMIZER_DIR = "optimizer"
 PARTIAL_SUFFIX = ".partial"
+# RUN/initial_weights/: checkpoint.load's Hugging Face folder, converted once into this layout.
+INITIAL_WEIGHTS_DIR = "initial_weights"
+# A Hugging Face model folder (export's output, or checkpoint.load's / generate's input) is known
+# by its config.json.
+HF_CONFIG_FILE = "config.json"
 
 ITER_PREFIX = "iter_"
 # A checkpoint folder: iter_ and the step, written with 7 digits and read with any number of them
@@ -45,6 +50,11 @@ ITER_DIR = re.compile(rf"^{ITER_PREFIX}(\d+)$")
 MODEL_METADATA_FILE = "metadata.json"
 MODEL_FILES = (MODEL_METADATA_FILE, ".metadata")
 MODEL_DATA_GLOB = "*.distcp"
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / HF_CONFIG_FILE).is_file() and not (path / MODEL_METADATA_FILE).exists()
 
 
 class CheckpointError(UserError, RuntimeError):

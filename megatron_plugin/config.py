@@ -123,13 +123,25 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     # Where GPTDataset writes its index cache; default RUN/data_cache.
     cache_dir: Optional[str] = None
-    # Generate a corpus and its tokenizer into RUN/data (the smoke recipe) when this is set and
-    # data.paths names no dataset of the user's.
+    # "text": pretraining documents (Megatron-Core's GPTDataset over `preprocess` output).
+    # "chat": conversations from `preprocess sft` (P_tokens_document + P_loss_mask_document),
+    # packed into seq_length rows; the loss counts assistant tokens only (docs/sft.md).
+    format: str = "text"
+    # Generate a corpus into RUN/data (the smoke recipes) when this is set and data.paths names
+    # no dataset of the user's: text and a tokenizer for "text", the generated instruction task
+    # (megatron_plugin/data/synthetic_chat.py) with the initial weights' tokenizer for "chat".
     generate_corpus: bool = False
 
     @property
     def uses_generated_corpus(self) -> bool:
         return self.generate_corpus and not self.paths
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format == "chat"
+
+
+DATA_FORMATS = ("text", "chat")
 
 
 @dataclass
@@ -167,6 +179,14 @@ class CheckpointConfig:
     # Resumable checkpoints (with optimizer state) kept; older ones become weights-only snapshots.
     keep: int = 3
     resume: str = "auto"  # auto | none | PATH
+    # Initial weights for a run that has no checkpoint of its own yet (fine-tuning): a training
+    # checkpoint (RUN, RUN/checkpoints, iter_N) or a Hugging Face Llama folder. Weights only: the
+    # optimizer, LR schedule and data position start fresh. Once the run has saved, resuming
+    # takes its own checkpoints and this is not read again.
+    load: Optional[str] = None
+    # With checkpoint.load unset: train this CPU preset first, in RUN/base, and start from its
+    # last checkpoint (smoke_sft pretrains the smoke model it fine-tunes).
+    base_preset: Optional[str] = None
     # Write checkpoints in a forked background process while training continues.
     async_save: bool = False
     # Keep a weights-only snapshot of every checkpoint that drops out of the `keep` window.
@@ -189,6 +209,10 @@ class EvalConfig:
     # metrics.jsonl, TensorBoard text), prompt_tokens new tokens long at most.
     prompts: list = field(default_factory=list)
     prompt_tokens: int = 32
+    # With the generated chat corpus: at each validation, the exact-match accuracy of greedy
+    # replies to this many held-out task prompts (never in the training data), and the share of
+    # replies that end their turn (metrics.jsonl task_exact_match, task_ended_turn).
+    task_prompts: int = 0
 
 
 @dataclass

@@ -37,3 +37,29 @@ def greedy_continuations(model_chunks, tokenizer: Union[Tokenizer, str, os.PathL
     finally:
         gpt.train(was_training)
     return [r.text for r in results]
+
+
+def chat_task_scores(model_chunks, tokenizer_model: str, count: int, max_new_tokens: int = 32) -> dict:
+    """Greedy replies of the model being trained to `count` held-out prompts of the generated chat
+    task (`data.synthetic_chat`): the share answered exactly, and the share whose reply ended
+    its turn (<|im_end|>) rather than running to `max_new_tokens`."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_plugin.data.synthetic_chat import exact_match, held_out_prompts
+    from megatron_plugin.generate.chat import ChatGenerator
+
+    if len(model_chunks) != 1:
+        raise GenerateError("eval.task_prompts: interleaved (virtual) pipeline chunks are not supported")
+    tokenizer = Tokenizer(tokenizer_model)
+    gpt = unwrap_model(model_chunks[0])
+    was_training = gpt.training
+    prompts = held_out_prompts(count)
+    chat = ChatGenerator(Generator(gpt, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer), tokenizer_model)
+    try:
+        replies = chat.reply([p.messages for p in prompts], SamplingOptions(max_new_tokens=max_new_tokens))
+    finally:
+        gpt.train(was_training)
+    return {
+        "task_exact_match": sum(exact_match(r.text, p) for r, p in zip(replies, prompts)) / count,
+        "task_ended_turn": sum(r.ended_turn for r in replies) / count,
+    }

@@ -21,7 +21,8 @@ from typing import Optional
 
 import torch
 
-from megatron_plugin.checkpoint_layout import CHECKPOINTS_DIR, MODEL_METADATA_FILE, check_complete, resolve_checkpoint_dir
+from megatron_plugin.checkpoint_layout import (CHECKPOINTS_DIR, MODEL_METADATA_FILE, check_complete, is_hf_folder,
+                                              resolve_checkpoint_dir)
 from megatron_plugin.config import DTYPE_NAMES, BuildConfig, ModelConfig, ParallelConfig, PrecisionConfig, validate_model
 from megatron_plugin.generate.errors import GenerateError
 from megatron_plugin.generate.tokenizer import Tokenizer
@@ -54,10 +55,6 @@ class LoadedModel:
 
 def default_dtype() -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
-
-
-def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
 
 
 def _check_source(path: Path) -> None:

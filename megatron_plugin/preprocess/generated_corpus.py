@@ -35,3 +35,27 @@ def prepare_generated_corpus(run_dir: str, vocab_size: int, num_documents: int =
     result = preprocess_files([corpus], os.path.join(data_dir, "corpus"), tokenizer_model, append_eod=True)
     logger.info("preprocessed: %s (%d tokens)", result.prefix, result.tokens)
     return result.prefix, tokenizer_model
+
+
+def generated_chat_corpus_prefix(run_dir: str) -> str:
+    """The `preprocess sft` output prefix of the generated chat task of the run in `run_dir`."""
+    return os.path.join(run_dir, "data", "chat")
+
+
+def prepare_generated_chat_corpus(run_dir: str, tokenizer_model: str, num_conversations: int = 6000) -> str:
+    """Write the generated instruction task (`data.synthetic_chat`) and preprocess it with the
+    tokenizer of the model being fine-tuned into RUN/data/chat. Returns the prefix. Reuses an
+    earlier result made with the same tokenizer."""
+    from megatron_plugin.data.synthetic_chat import write_task_corpus
+    from megatron_plugin.data.training_data import chat_data_tokenizer_sha256
+    from megatron_plugin.files import file_sha256
+    from megatron_plugin.preprocess.sft import preprocess_sft
+
+    prefix = generated_chat_corpus_prefix(run_dir)
+    if chat_data_tokenizer_sha256(prefix) == file_sha256(tokenizer_model):
+        return prefix
+    source = write_task_corpus(prefix + ".jsonl", num_conversations)
+    logger.info("generated chat task: %s (%d conversations)", source, num_conversations)
+    result = preprocess_sft([source], prefix, tokenizer_model)
+    logger.info("preprocessed: %s (%d conversations, %d tokens)", prefix, result.conversations, result.tokens)
+    return prefix

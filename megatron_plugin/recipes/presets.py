@@ -135,3 +135,37 @@ def smoke() -> RunConfig:
         log=LogConfig(interval=5),
         eval=EvalConfig(interval=20, iters=2),
     )
+
+
+@preset
+def sft_1b2() -> RunConfig:
+    """1.2B chat model: supervised fine-tuning of the production checkpoint on 8 GPUs (docs/sft.md)."""
+    cfg = _gpu_run("sft_1b2", sft_1b2.__doc__, gpus=8, micro_batch=2, global_batch=128,
+                   max_steps=1000, save_every=100, log_every=10, eval_every=100)
+    # Settings of Megatron-Bridge's full-SFT recipe for Llama 3.2 1B (docs/sft.md, *Presets*):
+    # 1000 iterations, 50 warmup, cosine to 0, Adam beta2 0.98, packed sequences; the peak LR is
+    # 2e-5 (HF alignment-handbook / Zephyr full SFT) rather than Bridge's 5e-6, which is tuned for
+    # a model pretrained on 9T tokens.
+    cfg.data = DataConfig(format="chat", seq_length=1024, split="98,2,0")
+    cfg.optim = OptimConfig(lr=2e-5, min_lr_ratio=0.0, warmup_steps=50, weight_decay=0.0, beta2=0.98)
+    cfg.checkpoint.load = "runs/production_8gpu"
+    cfg.parallel.average_in_collective = False  # a token-weighted loss sums gradients (Megatron-Core's rule)
+    cfg.eval.iters = 8
+    return cfg
+
+
+@cpu_preset
+def smoke_sft() -> RunConfig:
+    """The smoke model pretrained, then fine-tuned on CPU to count words (a generated chat task)."""
+    return RunConfig(
+        run=RunInfo(name="smoke_sft", description=smoke_sft.__doc__),
+        model=tiny_model(),
+        parallel=ParallelConfig(gpus=1),
+        precision=PrecisionConfig(dtype="fp32"),
+        data=DataConfig(format="chat", seq_length=128, generate_corpus=True, split="95,5,0"),
+        train=TrainConfig(max_steps=150, micro_batch_size=4, global_batch_size=8, seed=1234),
+        optim=OptimConfig(lr=2e-3, warmup_steps=10, weight_decay=0.0),
+        checkpoint=CheckpointConfig(interval=150, keep=1, base_preset="smoke"),
+        log=LogConfig(interval=10),
+        eval=EvalConfig(interval=75, iters=2, at_start=True, task_prompts=48, prompt_tokens=16),
+    )

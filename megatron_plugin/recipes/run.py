@@ -65,6 +65,25 @@ def _setup_logging() -> None:
     logging.getLogger("megatron.core").setLevel(logging.WARNING)
 
 
+def with_base_model(cfg: RunConfig) -> RunConfig:
+    """checkpoint.base_preset with checkpoint.load unset: train that preset in RUN/base first (a
+    finished one is not trained again) and start from its weights."""
+    import dataclasses
+
+    from megatron_plugin.training.loop import train
+
+    if cfg.checkpoint.load or not cfg.checkpoint.base_preset:
+        return cfg
+    base = get_preset(cfg.checkpoint.base_preset)
+    base = dataclasses.replace(base, run=dataclasses.replace(base.run, dir=os.path.join(cfg.run_dir, "base")))
+    validate(base, world_size=_world_size())
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("base model first: preset %s in %s (checkpoint.base_preset)", cfg.checkpoint.base_preset,
+                    base.run_dir)
+    train(base)
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, load=base.run_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     # Intermixed: overrides may come after the flags (`smoke --plan run.dir=x`).
     args = _parser().parse_intermixed_args(argv)
@@ -97,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_plugin.training.loop import train
 
         try:
-            train(cfg)
+            train(with_base_model(cfg))
         except UserError as error:  # printed by each rank that found it, unless all found the same
             return report_user_error(error, every_rank=not error.same_on_every_rank)
         finally:

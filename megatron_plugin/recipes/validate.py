@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size, validate_model
+from megatron_plugin.config import DATA_FORMATS, ConfigError, RunConfig, data_parallel_size, validate_model
 from megatron_plugin.data.gpt_dataset import check_tokenizer_fits, parse_blend, require_prefixes
 
 
@@ -132,6 +132,12 @@ def _validate_fp8(cfg: RunConfig, cuda: bool) -> None:
 
 
 def _validate_data(cfg: RunConfig) -> None:
+    if cfg.data.format not in DATA_FORMATS:
+        raise ConfigError(f"data.format={cfg.data.format!r}: use text (pretraining documents) or chat "
+                          "(conversations from `preprocess sft`)")
+    if cfg.data.is_chat:
+        _validate_chat_data(cfg)
+        return
     if cfg.data.uses_generated_corpus:
         if cfg.data.tokenizer_model:
             raise ConfigError(
@@ -142,3 +148,17 @@ def _validate_data(cfg: RunConfig) -> None:
         return
     require_prefixes(parse_blend(cfg.data.paths)[0])
     check_tokenizer_fits(cfg.data, cfg.model)
+
+
+def _validate_chat_data(cfg: RunConfig) -> None:
+    from megatron_plugin.data.training_data import chat_prefix
+
+    data = cfg.data
+    has_base = bool(cfg.checkpoint.load or cfg.checkpoint.base_preset)
+    if not data.tokenizer_model and not has_base:
+        raise ConfigError("data.format=chat needs the tokenizer of the model it fine-tunes: set checkpoint.load "
+                          "(its tokenizer.model is used) or data.tokenizer_model")
+    if not data.uses_generated_corpus:
+        chat_prefix(data)
+    if data.tokenizer_model:
+        check_tokenizer_fits(data, cfg.model)

@@ -27,18 +27,22 @@ import torch
 import torch.distributed as dist
 
 from megatron_plugin.checkpoint_layout import (
+    INITIAL_WEIGHTS_DIR,
     OPTIMIZER_DIR,
     PARTIAL_SUFFIX,
     RUN_CONFIG_FILE,
     TOKENIZER_FILE,
     TRAIN_STATE_FILE,
     CheckpointError,
+    check_complete,
     checkpoints_dir,
     has_latest,
+    is_hf_folder,
     iter_dir_name,
     iter_step,
     list_checkpoints,
     read_latest,
+    resolve_checkpoint_dir,
     write_latest,
 )
 from megatron_plugin.config import RunConfig, data_parallel_size, model_config_from_dict
@@ -323,6 +327,53 @@ def _newest_intact(root: str) -> Optional[str]:
     )
 
 
+def resolve_initial_weights(cfg: RunConfig) -> Optional[str]:
+    """The checkpoint folder of checkpoint.load (None when unset). A Hugging Face folder is
+    converted once into RUN/initial_weights (in a separate process: conversion builds its own
+    one-process Megatron model) and that conversion is read from then on. Rank 0 decides."""
+    source = cfg.checkpoint.load
+    if not source:
+        return None
+    if is_hf_folder(source):
+        return _converted_hf_weights(cfg, str(source))
+    try:
+        path = resolve_checkpoint_dir(source)
+        check_complete(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"checkpoint.load={source}: {error}") from error
+    damage = find_damage(str(path))
+    if damage:
+        raise CheckpointError(f"checkpoint.load={source}: {path} is damaged: {damage}. Load another "
+                              "checkpoint (RUN/checkpoints/iter_N)")
+    return str(path)
+
+
+# torchrun's variables: a child process that inherits them would join the training job's rendezvous.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _converted_hf_weights(cfg: RunConfig, folder: str) -> str:
+    import subprocess
+    import sys
+
+    target = os.path.join(cfg.run_dir, INITIAL_WEIGHTS_DIR)
+    converted = read_latest(target)
+    if converted is not None and find_damage(converted) is None:
+        return converted
+    shutil.rmtree(target, ignore_errors=True)
+    logger.info("checkpoint.load=%s is a Hugging Face folder: converting it into %s", folder, target)
+    command = [sys.executable, "-m", "megatron_plugin.export", "--from-hf", folder, "--output", target,
+               "--tensor-parallel", str(cfg.parallel.tensor), "--dtype", cfg.precision.dtype]
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise CheckpointError(f"checkpoint.load={folder}: converting the Hugging Face folder failed:\n{tail}")
+    write_file_manifest(read_latest(target))
+    return read_latest(target)
+
+
 _SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups",
                  "ffn_hidden_size", "tie_embeddings", "make_vocab_size_divisible_by")
 
@@ -353,10 +404,11 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
-def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
+def load_checkpoint(cfg: RunConfig, state: TrainState, path: str, weights_only: bool = False) -> Resumed:
     """Load the model (resharded to the current TP/PP layout) and, when the checkpoint is
-    resumable, the optimizer, scheduler, RNG and data position. A weights-only checkpoint (an
-    older snapshot, or one imported from Hugging Face) starts a new schedule from its weights."""
+    resumable and `weights_only` is not asked for, the optimizer, scheduler, RNG and data
+    position. A weights-only load (checkpoint.load, an older snapshot, or a checkpoint imported
+    from Hugging Face) starts a new schedule from the weights."""
     from megatron.core import dist_checkpointing
 
     saved = _read_json(os.path.join(path, TRAIN_STATE_FILE))
@@ -368,7 +420,7 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
     _check_model_matches(cfg, path, saved_run, saved_layout[0])
     layout_changed = saved_layout != (cfg.parallel.tensor, cfg.parallel.pipeline)
     optimizer_dir = os.path.join(path, OPTIMIZER_DIR)
-    resumable = os.path.isdir(optimizer_dir) and bool(saved)
+    resumable = not weights_only and os.path.isdir(optimizer_dir) and bool(saved)
     saved_format = saved_optimizer_format(saved, saved_run)
     if resumable:
         check_optimizer_resumable(cfg, path, saved_format, saved_layout, saved.get("data_parallel"))
@@ -379,7 +431,10 @@ def load_checkpoint(cfg: RunConfig, state: TrainState, path: str) -> Resumed:
     # them (a full resume then overwrites them with the saved ones).
     state.optimizer.reload_model_params()
     if not resumable:
-        if _is_rank0():
+        if _is_rank0() and weights_only:
+            logger.info("initial weights from %s (checkpoint.load, weights only): training starts at "
+                        "step 0 with a new optimizer and LR schedule", path)
+        elif _is_rank0():
             logger.info("%s has weights only: training starts at step 0 from these weights with a "
                         "new optimizer and LR schedule", path)
         return Resumed(0, 0, layout_changed, weights_only=True)

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_plugin.config import RunConfig
-from megatron_plugin.data.gpt_dataset import (MicroBatches, build_datasets, check_tokenizer_fits, megatron_tokenizer,
-                                              split_sample_counts)
+from megatron_plugin.config import ConfigError
+from megatron_plugin.data.gpt_dataset import check_tokenizer_fits
+from megatron_plugin.data.training_data import TrainingData, build_training_data, chat_data_tokenizer_sha256, chat_prefix
 from megatron_plugin.model import flops_per_token
 from megatron_plugin.runtime.distributed import Runtime, decided_on_rank0, init_distributed
 from megatron_plugin.runtime.peak import device_peak_flops
@@ -24,7 +25,7 @@ from megatron_plugin.training import checkpoint as ckpt
 from megatron_plugin.training.metrics import MetricsWriter, Throughput, console_line, format_duration
 from megatron_plugin.training.optimizer import build_train_state
 from megatron_plugin.training.run_lock import hold_run_dir
-from megatron_plugin.training.step import BatchShape, StepResult, eval_step, train_step
+from megatron_plugin.training.step import BatchShape, LossTotal, StepResult, eval_step, train_step
 
 logger = logging.getLogger("megatron_plugin.train")
 
@@ -54,19 +55,49 @@ class _StopSignal:
         return bool(flag.item())
 
 
-def with_prepared_data(cfg: RunConfig, runtime: Runtime) -> RunConfig:
-    """The config the run trains with: when the user names no dataset, the smoke recipe's
-    generated corpus (rank 0 writes it, the others wait) in data.paths and data.tokenizer_model."""
-    if not cfg.data.uses_generated_corpus:
-        return cfg
-    from megatron_plugin.preprocess.generated_corpus import generated_corpus_paths, prepare_generated_corpus
+def with_prepared_data(cfg: RunConfig, runtime: Runtime, initial_weights: Optional[str]) -> RunConfig:
+    """The config the run trains with. A chat run without data.tokenizer_model takes the
+    tokenizer of its initial weights. When the user names no dataset, the smoke recipes'
+    generated corpus (rank 0 writes it, the others wait) goes into data.paths (and, for text,
+    its own tokenizer into data.tokenizer_model)."""
+    data = cfg.data
+    if data.is_chat and not data.tokenizer_model and initial_weights:
+        tokenizer_model = os.path.join(initial_weights, ckpt.TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_model):
+            raise ConfigError(f"checkpoint.load={cfg.checkpoint.load} has no {ckpt.TOKENIZER_FILE}: set "
+                              "data.tokenizer_model to the SentencePiece model the base model was trained with")
+        data = dataclasses.replace(data, tokenizer_model=tokenizer_model)
+    if data.uses_generated_corpus:
+        from megatron_plugin.preprocess import generated_corpus
 
-    if runtime.is_main:
-        prepare_generated_corpus(cfg.run_dir, cfg.model.vocab_size)
-    if dist.is_initialized():
-        dist.barrier()
-    prefix, tokenizer_model = generated_corpus_paths(cfg.run_dir)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=[prefix], tokenizer_model=tokenizer_model))
+        if data.is_chat:
+            if not data.tokenizer_model:
+                raise ConfigError("data.generate_corpus with data.format=chat needs the tokenizer of the model "
+                                  "to fine-tune: set checkpoint.load (or data.tokenizer_model)")
+            if runtime.is_main:
+                generated_corpus.prepare_generated_chat_corpus(cfg.run_dir, data.tokenizer_model)
+            data = dataclasses.replace(data, paths=[generated_corpus.generated_chat_corpus_prefix(cfg.run_dir)])
+        else:
+            if runtime.is_main:
+                generated_corpus.prepare_generated_corpus(cfg.run_dir, cfg.model.vocab_size)
+            prefix, tokenizer_model = generated_corpus.generated_corpus_paths(cfg.run_dir)
+            data = dataclasses.replace(data, paths=[prefix], tokenizer_model=tokenizer_model)
+        if dist.is_initialized():
+            dist.barrier()
+    return dataclasses.replace(cfg, data=data)
+
+
+def check_chat_data_tokenizer(cfg: RunConfig) -> None:
+    """A chat dataset must have been made with the tokenizer of the model it fine-tunes."""
+    from megatron_plugin.files import file_sha256
+
+    prefix = chat_prefix(cfg.data)
+    made_with = chat_data_tokenizer_sha256(prefix)
+    if made_with is not None and made_with != file_sha256(cfg.data.tokenizer_model):
+        raise ConfigError(
+            f"data.paths={prefix} was preprocessed with another tokenizer than {cfg.data.tokenizer_model} "
+            "(the model's): run `preprocess sft` again with --tokenizer-model set to the model's tokenizer"
+        )
 
 
 def _dp_rank() -> int:
@@ -95,16 +126,20 @@ def _write_config(cfg: RunConfig, runtime: Runtime) -> None:
 
 
 def _train(cfg: RunConfig, runtime: Runtime) -> dict:
-    cfg = with_prepared_data(cfg, runtime)
+    initial_weights = decided_on_rank0(ckpt.resolve_initial_weights, cfg)
+    cfg = with_prepared_data(cfg, runtime, initial_weights)
     _write_config(cfg, runtime)
     check_tokenizer_fits(cfg.data, cfg.model)
-    tokenizer = megatron_tokenizer(cfg.data.tokenizer_model)
+    if cfg.data.is_chat:
+        check_chat_data_tokenizer(cfg)
     dp, gbs, seq = runtime.data_parallel, cfg.train.global_batch_size, cfg.data.seq_length
     shape = BatchShape.of_run(cfg, dp, runtime.device)
-    train_ds, valid_ds, _ = build_datasets(
-        cfg.data, seq, split_sample_counts(cfg.train, cfg.eval),
-        cfg.train.seed, cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache"), tokenizer,
-    )
+    data = build_training_data(cfg)
+    if data.packed and runtime.is_main:
+        stats = data.train.stats
+        logger.info("chat data: %d training conversations packed into %d rows of %d tokens (%.1f%% filled, "
+                    "%d truncated); one epoch = %.1f steps", stats.conversations, stats.rows, seq + 1,
+                    100 * stats.fill, stats.truncated, stats.rows / gbs)
     state = build_train_state(cfg, dp)
 
     step, consumed = 0, 0
@@ -115,6 +150,8 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
         if runtime.is_main and not resumed.weights_only:
             logger.info("resumed from %s at step %d (%d samples consumed)%s", resume_path, step,
                         consumed, ", resharded to the new TP/PP layout" if resumed.layout_changed else "")
+    elif initial_weights:
+        ckpt.load_checkpoint(cfg, state, initial_weights, weights_only=True)
     if step >= cfg.train.max_steps:
         if runtime.is_main:
             logger.info("this run already finished: %s is at step %d of train.max_steps=%d. Raise "
@@ -122,7 +159,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
                         cfg.train.max_steps)
         return {"step": step, "consumed_samples": consumed}
 
-    train_iter = MicroBatches(train_ds, shape.micro_batch_size, _dp_rank(), dp, consumed)
+    train_iter = data.micro_batches(data.train, shape.micro_batch_size, _dp_rank(), dp, consumed)
     peak, peak_source = device_peak_flops(cfg.precision.dtype, cfg.precision.fp8 is not None)
     fpt = flops_per_token(cfg.model, seq, cfg.parallel.tensor)
     throughput = Throughput(gbs * seq, fpt, runtime.world_size, peak)
@@ -135,7 +172,7 @@ def _train(cfg: RunConfig, runtime: Runtime) -> dict:
     collector = _GarbageCollector(cfg.train.manual_gc_interval)
     first_step = step
     checkpointer = ckpt.Checkpointer(cfg, cfg.data.tokenizer_model, saved_at=step if resume_path else None)
-    evaluator = Evaluator(cfg, state, valid_ds, shape, runtime, metrics)
+    evaluator = Evaluator(cfg, state, data, shape, runtime, metrics)
     progress = ProgressLog(cfg, runtime, metrics, throughput)
     try:
         if cfg.eval.at_start:
@@ -242,11 +279,13 @@ class Evaluator:
     """Validation every eval.interval steps and at the last step: the mean loss over eval.iters
     global batches of the validation split (always the same ones). Keeps the last and best loss."""
 
-    def __init__(self, cfg: RunConfig, state, valid_ds, shape: BatchShape, runtime: Runtime, metrics: MetricsWriter):
-        self.cfg, self.state, self.valid_ds, self.shape = cfg, state, valid_ds, shape
+    def __init__(self, cfg: RunConfig, state, data: TrainingData, shape: BatchShape, runtime: Runtime,
+                 metrics: MetricsWriter):
+        self.cfg, self.state, self.data, self.shape = cfg, state, data, shape
         self.runtime, self.metrics = runtime, metrics
         self.last: Optional[tuple[int, float]] = None
         self.best: Optional[tuple[int, float]] = None
+        self.task_scores: list[dict] = []  # eval.task_prompts: one record per validation
 
     def due(self, step: int) -> bool:
         interval = self.cfg.eval.interval
@@ -263,16 +302,35 @@ class Evaluator:
                 self.best = (step, val_loss)
         if self.cfg.eval.prompts:
             record["samples"] = self._samples(step)
+        if self.cfg.eval.task_prompts:
+            record.update(self._task_scores(step))
         self.metrics.write(record)
         return val_loss
 
+    def _task_scores(self, step: int) -> dict:
+        """Greedy replies to the generated chat task's held-out prompts, scored (all ranks take part)."""
+        from megatron_plugin.generate.during_training import chat_task_scores
+
+        scores = chat_task_scores(self.state.model, self.cfg.data.tokenizer_model, self.cfg.eval.task_prompts,
+                                  max_new_tokens=self.cfg.eval.prompt_tokens)
+        self.task_scores.append({"step": step, **scores})
+        if self.runtime.is_main:
+            logger.info("task at step %d: exact match %.1f%% | replies ending their turn %.1f%% (%d held-out "
+                        "prompts)", step, 100 * scores["task_exact_match"], 100 * scores["task_ended_turn"],
+                        self.cfg.eval.task_prompts)
+        return scores
+
     def loss(self) -> float:
-        """Mean loss over eval.iters global batches of the validation split (always the same ones)."""
-        if self.valid_ds is None:
+        """Mean per-token loss over eval.iters global batches of the validation split (always the
+        same ones), each batch weighted by its target tokens."""
+        if self.data.valid is None:
             return float("nan")
-        iterator = MicroBatches(self.valid_ds, self.shape.micro_batch_size, _dp_rank(), self.runtime.data_parallel, 0)
-        total = sum(eval_step(self.state, iterator, self.shape) for _ in range(self.cfg.eval.iters))
-        return total / max(self.cfg.eval.iters, 1)
+        iterator = self.data.micro_batches(self.data.valid, self.shape.micro_batch_size, _dp_rank(),
+                                           self.runtime.data_parallel, 0)
+        total = LossTotal(0.0, 0.0)
+        for _ in range(self.cfg.eval.iters):
+            total = total + eval_step(self.state, iterator, self.shape)
+        return total.mean if total.tokens else float("nan")
 
     def _samples(self, step: int) -> list[dict]:
         """Greedy continuations of eval.prompts by the model as it is now (all ranks take part)."""
@@ -300,6 +358,11 @@ def run_report(cfg: RunConfig, first_step: int, step: int, consumed: int, second
     if evaluator.last:
         lines.append(f"  validation loss  {evaluator.last[1]:.4f} at step {evaluator.last[0]} "
                      f"(best {evaluator.best[1]:.4f} at step {evaluator.best[0]})")
+    if len(evaluator.task_scores) > 1:
+        first, last = evaluator.task_scores[0], evaluator.task_scores[-1]
+        lines.append(f"  task exact match {100 * last['task_exact_match']:.1f}% at step {last['step']} "
+                     f"({100 * first['task_exact_match']:.1f}% at step {first['step']}); "
+                     f"{100 * last['task_ended_turn']:.1f}% of replies end their turn")
     newest = ckpt.read_latest(checkpointer.root)
     lines.append(f"  checkpoints      {checkpointer.root} (latest: {os.path.basename(newest) if newest else 'none'})")
     lines.append(f"  metrics          {os.path.join(cfg.run_dir, 'metrics.jsonl')}")

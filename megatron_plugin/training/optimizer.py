@@ -50,7 +50,9 @@ def ddp_config_kwargs(cfg: RunConfig, data_parallel: int) -> dict:
         grad_reduce_in_fp32=cfg.precision.dtype != "fp32",
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         overlap_param_gather=cfg.parallel.overlap_param_gather and distributed_optimizer,
-        average_in_collective=cfg.parallel.average_in_collective,
+        # A token-weighted loss (chat) sums gradients and divides by the global token count
+        # afterwards; Megatron-Core refuses averaging inside the collective with it.
+        average_in_collective=cfg.parallel.average_in_collective and not cfg.data.is_chat,
         use_distributed_optimizer=distributed_optimizer,
     )
 
@@ -91,6 +93,11 @@ def build_train_state(cfg: RunConfig, data_parallel: int) -> TrainState:
         from megatron.core.transformer.module import Float16Module
 
         gpt = Float16Module(gpt.config, gpt)
+    # Chat: the loss is the mean over the assistant tokens of the whole global batch, however
+    # unevenly they fall into micro-batches and data-parallel ranks. Each micro-batch then returns
+    # its summed loss, and finalize_model_grads divides the summed gradients by the global token
+    # count (read by DDP when it is built and by the schedule at every step).
+    gpt.config.calculate_per_token_loss = cfg.data.is_chat
     ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(cfg, data_parallel))
     model = [DistributedDataParallel(gpt.config, ddp_config, gpt)]
     optimizer = get_megatron_optimizer(OptimizerConfig(**optimizer_config_kwargs(cfg, data_parallel)), model)

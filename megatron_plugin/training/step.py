@@ -22,11 +22,21 @@ class BatchShape:
     micro_batch_size: int
     seq_length: int
     device: torch.device
+    # Packed conversations (data.format=chat): a micro-batch's rows run as one sequence of
+    # micro_batch_size x seq_length tokens with Megatron-Core's PackedSeqParams ("thd").
+    packed: bool = False
 
     @classmethod
     def of_run(cls, cfg: RunConfig, data_parallel: int, device: torch.device) -> "BatchShape":
         return cls(cfg.train.grad_accumulation_steps(data_parallel), cfg.train.micro_batch_size,
-                   cfg.data.seq_length, device)
+                   cfg.data.seq_length, device, packed=cfg.data.is_chat)
+
+    def schedule_shape(self) -> tuple[int, int]:
+        """(seq_length, micro_batch_size) of the activations the schedule passes between
+        pipeline stages: [s, b, h], or [b*s, 1, h] for a packed micro-batch."""
+        if self.packed:
+            return self.micro_batch_size * self.seq_length, 1
+        return self.seq_length, self.micro_batch_size
 
 
 @dataclass
@@ -53,12 +63,36 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def _forward_step(device: torch.device, data_iterator: Iterator[dict], model):
     batch = _to_device(next(data_iterator), device)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    if "cu_seqlens" not in batch:
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+    from megatron_plugin.data.sft_packing import packed_seq_params
+
+    # The micro-batch's rows as one sequence whose conversations attend only to themselves.
+    seq_length = batch["tokens"].shape[1]
+    params = packed_seq_params(batch["cu_seqlens"], batch["cu_seqlens_len"], seq_length, device)
+    flat = {key: batch[key].reshape(1, -1) for key in ("tokens", "position_ids", "labels")}
+    output = model(flat["tokens"], flat["position_ids"], None, labels=flat["labels"], packed_seq_params=params)
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def _reduce_loss(losses: list, device: torch.device) -> float:
-    """Token-weighted mean over micro-batches and data-parallel ranks (on the last PP stage)."""
+@dataclass(frozen=True)
+class LossTotal:
+    """Summed per-token loss and the number of tokens it covers, over a global batch."""
+
+    loss_sum: float
+    tokens: float
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / max(self.tokens, 1.0)
+
+    def __add__(self, other: "LossTotal") -> "LossTotal":
+        return LossTotal(self.loss_sum + other.loss_sum, self.tokens + other.tokens)
+
+
+def _reduce_loss(losses: list, device: torch.device) -> torch.Tensor:
+    """[loss sum, tokens] over micro-batches and data-parallel ranks (on the last PP stage)."""
     from megatron.core import parallel_state
 
     totals = torch.zeros(2, dtype=torch.float64)
@@ -68,36 +102,41 @@ def _reduce_loss(losses: list, device: torch.device) -> float:
         totals_dev = totals.to(device)
         dist.all_reduce(totals_dev, group=parallel_state.get_data_parallel_group())
         totals = totals_dev.cpu()
-    return float(totals[0] / totals[1].clamp(min=1))
+    return totals
 
 
-def _broadcast_from_last_stage(value: float, device: torch.device) -> float:
+def _broadcast_from_last_stage(totals: torch.Tensor, device: torch.device) -> torch.Tensor:
     """So every rank (and rank 0's logger) sees the loss computed on the last pipeline stage."""
     from megatron.core import parallel_state
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        return totals
+    tensor = totals.to(device)
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(tensor, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(tensor.item())
+    return tensor.cpu()
 
 
-def _run_schedule(state: TrainState, data_iterator, shape: BatchShape, forward_only: bool) -> float:
+def _run_schedule(state: TrainState, data_iterator, shape: BatchShape, forward_only: bool) -> LossTotal:
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    seq_length, micro_batch_size = shape.schedule_shape()
     losses = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, shape.device),
         data_iterator=data_iterator,
         model=state.model,
         num_microbatches=shape.num_microbatches,
-        seq_length=shape.seq_length,
-        micro_batch_size=shape.micro_batch_size,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    loss = _reduce_loss(losses, shape.device) if parallel_state.is_pipeline_last_stage() else 0.0
-    return _broadcast_from_last_stage(loss, shape.device)
+    if parallel_state.is_pipeline_last_stage():
+        totals = _reduce_loss(losses, shape.device)
+    else:
+        totals = torch.zeros(2, dtype=torch.float64)
+    totals = _broadcast_from_last_stage(totals, shape.device)
+    return LossTotal(float(totals[0]), float(totals[1]))
 
 
 def train_step(state: TrainState, data_iterator, shape: BatchShape) -> StepResult:
@@ -105,7 +144,7 @@ def train_step(state: TrainState, data_iterator, shape: BatchShape) -> StepResul
         chunk.train()
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    loss = _run_schedule(state, data_iterator, shape, False)
+    loss = _run_schedule(state, data_iterator, shape, False).mean
     success, grad_norm, _ = state.optimizer.step()
     lr = state.optimizer.param_groups[0]["lr"]
     if success:
@@ -114,7 +153,8 @@ def train_step(state: TrainState, data_iterator, shape: BatchShape) -> StepResul
 
 
 @torch.no_grad()
-def eval_step(state: TrainState, data_iterator, shape: BatchShape) -> float:
+def eval_step(state: TrainState, data_iterator, shape: BatchShape) -> LossTotal:
+    """The summed loss and token count of one global batch (validation weighs batches by tokens)."""
     for chunk in state.model:
         chunk.eval()
     loss = _run_schedule(state, data_iterator, shape, True)
