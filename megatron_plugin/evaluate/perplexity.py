@@ -128,6 +128,12 @@ def split_windows(run_config: dict, ckpt_dir: Path, split: str, num_samples: Opt
     data = DataConfig(**{k: v for k, v in run_config.get("data", {}).items() if k in DataConfig.__dataclass_fields__})
     train = TrainConfig(**{k: v for k, v in run_config.get("train", {}).items() if k in TrainConfig.__dataclass_fields__})
     evals = EvalConfig(**{k: v for k, v in run_config.get("eval", {}).items() if k in EvalConfig.__dataclass_fields__})
+    if data.is_chat:
+        raise GenerateError(
+            f"--split {split}: {ckpt_dir} was fine-tuned on conversations (data.format=chat), and --split scores "
+            "a pretraining split; its validation loss over assistant tokens is the run's val_loss "
+            "(metrics.jsonl). Score text with --data FILE, or run --tasks"
+        )
     if not data.paths:
         raise GenerateError(f"{ckpt_dir}/{RUN_CONFIG_FILE} names no data.paths: pass --data PREFIX instead of --split")
     missing = [p for p in data.paths if isinstance(p, str) and not _is_prefix(p)]

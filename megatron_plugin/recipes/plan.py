@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_plugin.config import RunConfig, data_parallel_size
+from megatron_plugin.config import ConfigError, RunConfig, data_parallel_size
 from megatron_plugin.data.gpt_dataset import parse_blend
 from megatron_plugin.data.indexed import read_index
 from megatron_plugin.model import flops_per_token, parameter_count
@@ -34,6 +35,24 @@ RESUMABLE_BYTES = 2 + 4 + 4 + 4
 def idx_token_count(prefix: str) -> int:
     """Tokens in a Megatron indexed dataset, from its .idx sequence lengths."""
     return int(read_index(prefix).lengths.sum(dtype=np.int64))
+
+
+def chat_training_rows(cfg: RunConfig) -> tuple[Optional[int], str]:
+    """Packed training rows of a chat run's data (one epoch is rows / global batch steps)."""
+    from megatron_plugin.data.training_data import build_training_data, chat_prefix
+
+    data = cfg.data
+    if data.uses_generated_corpus:
+        from megatron_plugin.preprocess.generated_corpus import generated_chat_corpus_prefix
+
+        data = dataclasses.replace(data, paths=[generated_chat_corpus_prefix(cfg.run_dir)])
+    try:
+        chat_prefix(data)
+    except ConfigError:
+        return None, "conversations not preprocessed yet: size unknown"
+    stats = build_training_data(dataclasses.replace(cfg, data=data)).train.stats
+    return stats.rows, (f"{stats.conversations:,} training conversations in {stats.rows:,} packed rows of "
+                        f"{cfg.data.seq_length + 1} tokens ({100 * stats.fill:.0f}% filled)")
 
 
 def dataset_tokens(cfg: RunConfig) -> tuple[Optional[int], str]:
@@ -95,7 +114,11 @@ def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100", preprocess_c
     params = parameter_count(cfg.model)
     tokens_per_step = cfg.train.global_batch_size * seq
     total_tokens = steps * tokens_per_step
-    corpus_tokens, corpus_source = dataset_tokens(cfg)
+    if cfg.data.is_chat:
+        rows, corpus_source = chat_training_rows(cfg)
+        corpus_tokens = rows * seq if rows else None  # an epoch: every packed row once
+    else:
+        corpus_tokens, corpus_source = dataset_tokens(cfg)
     fpt = flops_per_token(cfg.model, seq, cfg.parallel.tensor)
     total_flops = fpt * total_tokens
     peak, peak_source, device = _peak(cfg, gpu)
@@ -143,10 +166,11 @@ def make_plan(cfg: RunConfig, mfu: float = 0.40, gpu: str = "h100", preprocess_c
         "peak_source": peak_source,
         "assumed_mfu": mfu,
         "hours_at_mfu": hours_at_mfu,
-        "initial_loss": math.log(cfg.model.vocab_size),
+        # A fine-tuning starts from its base model's loss, which only a run can tell.
+        "initial_loss": None if cfg.data.is_chat else math.log(cfg.model.vocab_size),
         "preprocess_cores": preprocess_cores,
         "preprocess_hours": (corpus_tokens / (PREPROCESS_TOKENS_PER_CORE_S * preprocess_cores) / 3600
-                             if corpus_tokens else None),
+                             if corpus_tokens and not cfg.data.is_chat else None),
         "measured_tokens_per_s": measured,
         "hours_at_measured": total_tokens / measured / 3600 if measured else None,
         "seed_claims": SEED_CLAIMS if cfg.run.name == "production_8gpu" else None,
@@ -209,7 +233,10 @@ def format_plan(plan: dict) -> str:
     if plan["hours_at_measured"] is not None:
         lines.append(f"  time (measured)     {format_hours(plan['hours_at_measured'])} at the last run's "
                      f"{plan['measured_tokens_per_s']:,.0f} tokens/s")
-    lines.append(f"  initial loss        ~{plan['initial_loss']:.2f} (ln of the vocabulary size, a fresh model)")
+    if plan["initial_loss"] is not None:
+        lines.append(f"  initial loss        ~{plan['initial_loss']:.2f} (ln of the vocabulary size, a fresh model)")
+    else:
+        lines.append("  initial loss        the base model's on this data (checkpoint.load; eval.at_start=true shows it)")
     if plan["preprocess_hours"] is not None:
         lines.append(f"  preprocessing       ~{format_hours(plan['preprocess_hours'])} for the dataset on "
                      f"{plan['preprocess_cores']} cores ({PREPROCESS_TOKENS_PER_CORE_S / 1e6:.1f}M tokens/s per core)")
