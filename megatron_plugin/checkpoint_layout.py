@@ -13,7 +13,8 @@
 Training writes this layout; export, import, generation and evaluation read it. Which checkpoint a
 training run resumes from (falling back past damaged ones) is training's own policy, built on the
 names and helpers here. Only the standard library and the package's error base are used, so that
-any module may import this one.
+any module may import this one; `check_common_state` alone asks runtime.mcore_compat, when a
+checkpoint was written by a Megatron-Core release (0.19+) that not every supported one reads.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ ITER_PREFIX = "iter_"
 ITER_DIR = re.compile(rf"^{ITER_PREFIX}(\d+)$")
 
 # Written by dist_checkpointing.save: its own metadata, and the torch.distributed.checkpoint index.
-# (megatron-core 0.16 also writes the common state to common.pt, 0.19 into the .distcp files.)
 MODEL_METADATA_FILE = "metadata.json"
-MODEL_FILES = (MODEL_METADATA_FILE, ".metadata")
+DCP_INDEX_FILE = ".metadata"
+MODEL_FILES = (MODEL_METADATA_FILE, DCP_INDEX_FILE)
 MODEL_DATA_GLOB = "*.distcp"
+# The common (non-tensor) state of a dist checkpoint, the optimizer folder's LR scheduler among
+# it: megatron-core up to 0.18 writes it to common.pt; 0.19 stores it in the .distcp files as the
+# object "common_state", which the index names by its key (and reads common.pt of older ones).
+COMMON_STATE_FILE = "common.pt"
+COMMON_STATE_KEY = b"common_state/shard_"
+COMMON_BACKEND_FIELD = "common_backend"  # in metadata.json up to 0.18
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
@@ -158,6 +165,46 @@ def check_complete(ckpt_dir: Path) -> None:
             f"checkpoint {ckpt_dir} has no {RUN_CONFIG_FILE}, which holds the model sizes; it was "
             "not written by megatron_plugin's trainer (or the save was interrupted)"
         )
+    check_common_state(ckpt_dir)
+
+
+def common_state_in_data_files(folder: str | os.PathLike) -> Optional[bool]:
+    """Where the dist checkpoint in `folder` keeps its common state: False in common.pt (written
+    by megatron-core 0.18 or earlier), True in its data files (0.19 or later: the index names
+    the object, and metadata.json no longer names a common backend), None in neither (a
+    checkpoint of an older writer that lost its common.pt) or when the files cannot tell."""
+    folder = Path(folder)
+    if (folder / COMMON_STATE_FILE).is_file():
+        return False
+    try:
+        if COMMON_STATE_KEY in (folder / DCP_INDEX_FILE).read_bytes():
+            return True
+        config = json.loads((folder / MODEL_METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return True if isinstance(config, dict) and COMMON_BACKEND_FIELD not in config else None
+
+
+def check_common_state(ckpt_dir: str | os.PathLike, with_optimizer: bool = False) -> None:
+    """Fail early on a checkpoint (and, `with_optimizer`, its optimizer folder) whose common state
+    this Megatron-Core cannot read: kept in the data files by 0.19+ and read here by 0.16, or
+    missing altogether. Megatron-Core is asked (runtime.mcore_compat) only in the first case."""
+    ckpt_dir = Path(ckpt_dir)
+    folders = [ckpt_dir] + ([ckpt_dir / OPTIMIZER_DIR] if with_optimizer else [])
+    for folder in folders:
+        if not all((folder / name).is_file() for name in MODEL_FILES):
+            continue  # no dist checkpoint here, or one missing more than this (check_complete's)
+        in_data_files = common_state_in_data_files(folder)
+        if in_data_files is None:
+            raise CheckpointError(
+                f"checkpoint {folder} is incomplete: missing {COMMON_STATE_FILE} (and its index names "
+                "no common state in the data files either: the save was interrupted or files were "
+                "removed); use an earlier iter_N directory"
+            )
+        if in_data_files:
+            from megatron_plugin.runtime import mcore_compat  # imports Megatron-Core: only here
+
+            mcore_compat.check_reads_common_state_in_data_files(ckpt_dir)
 
 
 def read_run_config(ckpt_dir: Path) -> dict:

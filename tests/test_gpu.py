@@ -5,9 +5,12 @@ Each test starts its own process group so they also run one by one: pytest -m gp
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from conftest import run_python
 from megatron_plugin.config import BuildConfig, ParallelConfig, PrecisionConfig
 from megatron_plugin.recipes.presets import tiny_model
 
@@ -93,3 +96,60 @@ def test_fp8_steps_stay_near_bf16(gpu_runtime):
     fp8 = _train(build_gpt_model(BuildConfig(model_cfg, PrecisionConfig(dtype="bf16", fp8="hybrid"))), *_batch(256))
     assert fp8[-1] < fp8[0]
     assert abs(fp8[-1] - bf16[-1]) < 0.15 * bf16[-1]
+
+
+TE_RUN_STEPS = 20
+
+
+def test_te_bf16_run_exports_and_transformers_reproduces_its_logits(tmp_path):
+    """The smoke run trained in bf16 on the Transformer Engine spec (fused-norm weight names),
+    exported in fp32: transformers' logits match our TE model's on a few sequences."""
+    pytest.importorskip("transformer_engine")
+    from megatron_plugin.checkpoint_layout import iter_dir_name
+    from megatron_plugin.export import mapping
+    from megatron_plugin.export.checkpoint import MegatronCheckpoint
+    from megatron_plugin.export.verify import DEFAULT_TOLERANCE, load_hf_model, load_megatron_model, sample_tokens
+    from megatron_plugin.runtime.distributed import init_distributed, shutdown
+
+    run = tmp_path / "run"
+    run_python(["-m", "megatron_plugin.recipes.run", "smoke", f"run.dir={run}", "precision.dtype=bf16",
+                "model.transformer_impl=transformer_engine", f"train.max_steps={TE_RUN_STEPS}",
+                f"checkpoint.interval={TE_RUN_STEPS}", "optim.warmup_steps=2", "eval.interval=0"], timeout=600)
+    ckpt_dir = run / "checkpoints" / iter_dir_name(TE_RUN_STEPS)
+    saved = json.loads((ckpt_dir / "run_config.json").read_text())
+    assert (saved["model"]["transformer_impl"], saved["precision"]["dtype"]) == ("transformer_engine", "bf16")
+    hf = tmp_path / "hf"
+    run_python(["-m", "megatron_plugin.export", "--checkpoint", str(run / "checkpoints"), "--output", str(hf),
+                "--dtype", "fp32"])
+
+    sequences, length = 3, 64
+    # As export --verify does (verify_export), but with the tokens on the model's device: the TE
+    # model lives on the GPU. Started only now: the runs above had the GPU to themselves.
+    init_distributed(ParallelConfig(), seed=1)
+    try:
+        ckpt = MegatronCheckpoint(ckpt_dir)
+        # What was trained: the TE spec's fused norm names, weights stored in bf16.
+        assert mapping.stacked_layer_key("self_attention.linear_qkv.layer_norm_weight") in ckpt.metadata
+        assert ckpt.dtype(mapping.EMBEDDING) == torch.bfloat16
+        vocab = ckpt.model_config.vocab_size
+        tokens = sample_tokens(vocab, sequences, length)
+        model = load_megatron_model(ckpt)  # the TE spec again (run_config.json), fp32, on the GPU
+        device = next(model.parameters()).device
+        assert device.type == "cuda"
+        positions = torch.arange(length, device=device).unsqueeze(0).expand(sequences, -1)
+        with torch.no_grad():
+            ours = model(tokens.to(device), positions, None)[..., :vocab].float().cpu()
+        del model
+    finally:
+        shutdown()
+    theirs_model = load_hf_model(hf)  # fp32 on the CPU, the export's weights exactly (bf16 upcast)
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=tokens).logits.float()
+    assert theirs.shape == ours.shape == (sequences, length, vocab)
+    # TE runs fp32 GEMMs in TF32 (fp16's 10-bit mantissa): export --verify's fp16 tolerance, not fp32's.
+    tolerance = DEFAULT_TOLERANCE["fp16"]
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= tolerance, f"max |logit difference| {diff:.3e} > {tolerance}"
+    # Logits well above the tolerance (about 5 after 20 smoke steps on CPU): a weight mapped to
+    # the wrong place would show.
+    assert ours.abs().max().item() > 20 * tolerance

@@ -13,9 +13,13 @@ keeps working. What differs, and what the package does about it:
 - Async checkpoint saves: 0.17+ `dist_checkpointing.save` takes `async_strategy`, default "nvrx"
   (nvidia-resiliency-ext's writer and request type); the package's queue is Megatron-Core's own
   `AsyncCallsQueue`, so it asks for the in-tree "mcore" writer on every line that has the choice.
-- Checkpoint files: 0.16 writes the common state to `common.pt`, 0.19 into the `.distcp` files
-  (a ShardedObject "common_state") and still reads `common.pt` from older checkpoints; the layout
-  (`checkpoint_layout.MODEL_FILES`) requires neither.
+- Checkpoint files: 0.16 (up to 0.18) writes the common state to `common.pt`, 0.19 into the
+  `.distcp` files (a ShardedObject "common_state") and still reads `common.pt` from older
+  checkpoints. 0.16 cannot read 0.19's: its `dist_checkpointing.load` opens `common.pt`
+  (strategies/common.py `load_common`), and the error path there fails in turn (`iterdir` on a
+  str), so the user would see a FileNotFoundError chained to an AttributeError.
+  `checkpoint_layout.check_common_state` finds such a checkpoint by its files, and
+  `check_reads_common_state_in_data_files` turns it into a CheckpointError saying what to do.
 - Training on CPU: 0.19's DDP waits on `torch.cuda.current_stream()` before each gradient
   reduction; `cpu_mode` answers it with a stream that has nothing to wait for.
 - Log records and warnings new in 0.19 (the GPTModel deprecation, ...) are listed with the others
@@ -25,7 +29,10 @@ keeps working. What differs, and what the package does about it:
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Callable
+
+from megatron_plugin.checkpoint_layout import COMMON_STATE_FILE, CheckpointError
 
 
 def megatron_core_version() -> str:
@@ -73,3 +80,28 @@ def async_save_kwargs(asynchronous: bool) -> dict:
     if asynchronous and "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
         return {"async_strategy": "mcore"}
     return {}
+
+
+def reads_common_state_in_data_files() -> bool:
+    """Whether this Megatron-Core reads a checkpoint whose common state is in its .distcp files
+    (0.19+). The release that made that the format also dropped `load`'s `common_strategy`
+    argument (a reader for common.pt), which is what is asked here."""
+    from megatron.core import dist_checkpointing
+
+    return "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters
+
+
+def check_reads_common_state_in_data_files(ckpt_dir: str | os.PathLike) -> None:
+    """Refuse, with the way out, a checkpoint (written by 0.19+: common state in the data files,
+    no common.pt) that this Megatron-Core can only fail on."""
+    if reads_common_state_in_data_files():
+        return
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} was written by Megatron-Core 0.19 or later (its common state is in "
+        f"the .distcp files, there is no {COMMON_STATE_FILE}), and this environment has megatron-core "
+        f"{megatron_core_version()}, which reads {COMMON_STATE_FILE} only. Resume, export or generate "
+        "from it in the Python 3.12 environment with megatron-core 0.19; or export it to Hugging Face "
+        f"there (python -m megatron_plugin.export --checkpoint {ckpt_dir} --output HF_DIR) and use that "
+        "folder here (python -m megatron_plugin.export --from-hf HF_DIR --output RUN/checkpoints, or "
+        "checkpoint.load=HF_DIR; the optimizer state does not carry over)"
+    )

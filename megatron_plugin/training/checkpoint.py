@@ -34,6 +34,7 @@ from megatron_plugin.checkpoint_layout import (
     TOKENIZER_FILE,
     TRAIN_STATE_FILE,
     CheckpointError,
+    check_common_state,
     check_complete,
     checkpoints_dir,
     has_latest,
@@ -290,7 +291,14 @@ def resolve_resume(cfg: RunConfig) -> Optional[str]:
     """The checkpoint this run resumes from, None to start fresh. A damaged newest checkpoint of a
     run (checkpoint.resume=auto, or a checkpoints folder) gives way to the newest intact resumable
     one before it, with a warning naming the damage; a damaged checkpoint named by its own path is
-    refused."""
+    refused. So is one this Megatron-Core cannot read (written by a newer one)."""
+    path = _resume_candidate(cfg)
+    if path is not None:
+        check_common_state(path, with_optimizer=True)
+    return path
+
+
+def _resume_candidate(cfg: RunConfig) -> Optional[str]:
     mode = cfg.checkpoint.resume
     if mode in (None, "none", "never", False):
         return None
