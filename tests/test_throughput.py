@@ -60,6 +60,26 @@ def test_rotary_under_inference_mode():
     torch.testing.assert_close(ours, _rope_reference(x, _megatron_freqs(6, 8)), rtol=1e-6, atol=1e-6)
 
 
+def test_rotary_of_slices_of_one_frequency_table():
+    """Inference hands each layer slices of one table per step (the query's rows a:b, the keys'
+    rows :b); each equals the rotation with that slice's own frequencies, also after the
+    table is changed in place."""
+    from megatron_plugin.model.fused_ops import rotary
+
+    torch.manual_seed(0)
+    table = _megatron_freqs(32, 8)
+    for a, b in [(0, 32), (5, 6), (0, 6), (31, 32), (7, 19)]:
+        x = torch.randn(b - a, 2, 3, 8)
+        own = _megatron_freqs(32, 8)[a:b]
+        torch.testing.assert_close(rotary(x, table[a:b]), _rope_reference(x, own), rtol=1e-6, atol=1e-6)
+    x = torch.randn(4, 1, 2, 8)
+    before = rotary(x, table[2:6])
+    table.mul_(0.5)
+    after = rotary(x, table[2:6])
+    torch.testing.assert_close(after, _rope_reference(x, table[2:6].clone()), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(before, after)
+
+
 def test_rotary_declines_other_layouts():
     from megatron_plugin.model.fused_ops import rotary
 

@@ -45,7 +45,9 @@ def load_megatron_model(ckpt: MegatronCheckpoint):
 
 @torch.no_grad()
 def megatron_logits(model, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device  # the model may live on the GPU, the tokens on the CPU
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     logits = model(tokens, positions, None)
     return logits[..., :vocab_size].float().cpu()
 

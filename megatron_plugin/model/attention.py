@@ -22,6 +22,7 @@ boundary; RoPE positions restart per sequence in Megatron's own rotary code on t
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -130,3 +131,39 @@ class SDPAttention(MegatronModule):
         ]
         # [1, n, t, d] -> [t, n * d]
         return torch.cat(parts, dim=2)[0].permute(1, 0, 2).reshape(total, heads * head_dim)
+
+
+class RotatedKeyCacheSelfAttention:
+    """Mixed into Megatron-Core's SelfAttention (see `self_attention_class`): with a static KV
+    cache, each new key is rotated once, before it is cached. Megatron-Core caches keys unrotated
+    and rotates every cached key again at every decode step (`k_pos_emb[:sequence_end]`), work that
+    grows with the sequence; a rotation depends only on the key's own position, so rotating at
+    write time gives the same keys."""
+
+    def _adjust_key_value_for_inference(self, inference_context, query, key, value, rotary_pos_emb, *args, **kwargs):
+        rotate_at_write = (
+            inference_context is not None
+            and inference_context.is_static_batching()
+            and isinstance(rotary_pos_emb, tuple)
+            and rotary_pos_emb[1] is not None
+            and not self.config.rotary_interleaved
+            and not self.config.multi_latent_attention
+        )
+        if rotate_at_write:
+            from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+            start = inference_context.sequence_len_offset
+            key = apply_rotary_pos_emb(key, rotary_pos_emb[1][start: start + key.size(0)], config=self.config)
+        query, key, value, rotary_pos_emb, mask_type, block_table = super()._adjust_key_value_for_inference(
+            inference_context, query, key, value, rotary_pos_emb, *args, **kwargs)
+        if rotate_at_write:
+            rotary_pos_emb = (rotary_pos_emb[0], None)  # the cached keys are rotated already
+        return query, key, value, rotary_pos_emb, mask_type, block_table
+
+
+@functools.lru_cache(maxsize=None)
+def self_attention_class():
+    """Megatron-Core's SelfAttention with `RotatedKeyCacheSelfAttention` (the local spec's)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    return type("SelfAttention", (RotatedKeyCacheSelfAttention, SelfAttention), {})

@@ -87,7 +87,22 @@ def transformer_config_kwargs(build: BuildConfig, use_te: Optional[bool] = None)
 def transformer_config(build: BuildConfig, use_te: Optional[bool] = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(**transformer_config_kwargs(build, use_te))
+    kwargs = transformer_config_kwargs(build, use_te)
+    if kwargs["gradient_accumulation_fusion"] and not _has_fused_wgrad_kernel():
+        logger.warning("fusion.grad_accumulation is on but apex's fused_weight_gradient_mlp_cuda is not "
+                       "installed (Megatron-Core's output layer needs it): training without it. NGC PyTorch "
+                       "containers ship apex; set fusion.grad_accumulation=false to silence this")
+        kwargs["gradient_accumulation_fusion"] = False
+    return TransformerConfig(**kwargs)
+
+
+def _has_fused_wgrad_kernel() -> bool:
+    """Megatron-Core's non-TE output layer accumulates weight gradients into main_grad with apex's
+    `fused_weight_gradient_mlp_cuda` and refuses gradient_accumulation_fusion without it (NGC
+    containers ship apex; a pip install of TE alone does not)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 def layer_spec(use_te: bool):
@@ -97,9 +112,10 @@ def layer_spec(use_te: bool):
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    from megatron_plugin.model.attention import SDPAttention
+    from megatron_plugin.model.attention import SDPAttention, self_attention_class
 
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.module = self_attention_class()
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

@@ -29,17 +29,24 @@ _installed = False
 _original_rope = None
 _original_swiglu = None
 
-# The last frequency tensor seen and its cos / sin halves: Megatron's RotaryEmbedding returns the
-# same (lru-cached) tensor to every layer, so this is computed once per sequence length.
+# cos / sin of the frequency tensors seen lately. Megatron's RotaryEmbedding returns the same
+# (lru-cached) tensor to every layer, and inference slices it per step (the query's positions, the
+# keys' positions): slices are served from the cos / sin of the tensor they view, so that a decode
+# step computes no trigonometry.
 _rope_cache: dict = {}
+_ROPE_CACHE_ENTRIES = 4
 
 
-def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
+def _version(t: torch.Tensor) -> int:
     # An inference tensor (a model run under torch.inference_mode) has no version counter.
-    key = (id(freqs), 0 if freqs.is_inference() else freqs._version, dtype)
-    entry = _rope_cache.get("last")
-    if entry is not None and entry[0] == key and entry[1] is freqs:
-        return entry[2], entry[3]
+    return 0 if t.is_inference() else t._version
+
+
+def _full_cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
+    key = (id(freqs), _version(freqs), dtype)
+    entry = _rope_cache.get(key)
+    if entry is not None and entry[0] is freqs:
+        return entry[1], entry[2]
     half = freqs.shape[-1] // 2
     first = freqs[..., :half]
     if not torch.equal(first, freqs[..., half:]):
@@ -47,8 +54,25 @@ def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
     else:
         cos = torch.cos(first).to(dtype).contiguous()
         sin = torch.sin(first).to(dtype).contiguous()
-    _rope_cache["last"] = (key, freqs, cos, sin)
+    if len(_rope_cache) >= _ROPE_CACHE_ENTRIES:
+        _rope_cache.pop(next(iter(_rope_cache)))
+    _rope_cache[key] = (freqs, cos, sin)
     return cos, sin
+
+
+def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype):
+    """cos / sin halves of freqs [s, 1, 1, d]; for a slice freqs = base[a:b] of a contiguous
+    base, the rows a:b of the base's."""
+    base = freqs._base
+    if (base is not None and base.dim() == freqs.dim() and base.shape[1:] == freqs.shape[1:]
+            and base.is_contiguous() and freqs.is_contiguous() and base.dtype == freqs.dtype):
+        start, rest = divmod(freqs.storage_offset() - base.storage_offset(), base.stride(0))
+        if rest == 0 and 0 <= start and start + freqs.shape[0] <= base.shape[0]:
+            cos, sin = _full_cos_sin(base, dtype)
+            if cos is None:
+                return None, None
+            return cos[start: start + freqs.shape[0]], sin[start: start + freqs.shape[0]]
+    return _full_cos_sin(freqs, dtype)
 
 
 class _RotaryFunction(torch.autograd.Function):
