@@ -1,10 +1,12 @@
 """Fixtures for the export tests: a tiny SentencePiece model and training checkpoints in the
 trainer's layout (RUN/checkpoints/{latest, iter_N/}) saved at TP/PP > 1 by real gloo processes.
 
-`make_checkpoint` starts `tp * pp` processes of this file (`worker` below) with torchrun's
+`make_checkpoint` starts `tp * pp * dp` processes of this file (`worker` below) with torchrun's
 environment variables; each builds its part of a GPTModel with the package's training state
 (Megatron DDP + optimizer), trains a few steps, computes reference logits on fixed tokens with the
 sharded model itself (PP=1), and saves model + optimizer state with dist_checkpointing.
+`make_checkpoints` has one set of processes save several such checkpoints one after the other
+(layouts of the same number of processes), each with a fresh parallel state, seeds and model.
 """
 
 from __future__ import annotations
@@ -87,14 +89,13 @@ def reference_tokens(vocab_size: int, batch: int = 2, seq: int = 16) -> torch.Te
     return torch.randint(3, vocab_size, (batch, seq), generator=gen)
 
 
-def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, dp: int = 1,
-                    iteration: int = 3, dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
-    """Save a checkpoint of `model` (a ModelConfig) at TP=tp, PP=pp, DP=dp into run_dir/checkpoints
-    (DP > 1 uses Megatron's distributed optimizer). ddp_keys: save the model through Megatron's
-    DDP wrapper, whose keys carry a "module." prefix, instead of the bare GPTModel (the checkpoint
-    contract's default keys)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = {
+def checkpoint_job(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, dp: int = 1,
+                   iteration: int = 3, dtype: str = "fp32", ddp_keys: bool = False) -> dict:
+    """One checkpoint for `make_checkpoints`: of `model` (a ModelConfig) at TP=tp, PP=pp, DP=dp
+    into run_dir/checkpoints (DP > 1 uses Megatron's distributed optimizer). ddp_keys: save the
+    model through Megatron's DDP wrapper, whose keys carry a "module." prefix, instead of the bare
+    GPTModel (the checkpoint contract's default keys)."""
+    return {
         "run_dir": str(run_dir),
         "model": dataclasses.asdict(model),
         "tokenizer": str(tokenizer),
@@ -105,9 +106,25 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
         "ddp_keys": ddp_keys,
         "dp": dp,
     }
-    spec_path = run_dir / "fixture_spec.json"
-    spec_path.write_text(json.dumps(spec))
-    world = tp * pp * dp
+
+
+def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int = 1, dp: int = 1,
+                    iteration: int = 3, dtype: str = "fp32", ddp_keys: bool = False, timeout: int = 240) -> Path:
+    """Save one checkpoint (see `checkpoint_job`); returns its iter_N folder."""
+    make_checkpoints([checkpoint_job(run_dir, model, tokenizer, tp, pp, dp, iteration, dtype, ddp_keys)], timeout)
+    return run_dir / "checkpoints" / f"iter_{iteration:07d}"
+
+
+def make_checkpoints(jobs: list[dict], timeout: int = 240) -> None:
+    """Save the checkpoints of `jobs` (`checkpoint_job`s needing the same number of processes,
+    TP x PP x DP) one after the other with one set of gloo processes."""
+    worlds = {job["tp"] * job["pp"] * job["dp"] for job in jobs}
+    assert len(worlds) == 1, f"one number of processes for all jobs, not {sorted(worlds)}"
+    for job in jobs:
+        Path(job["run_dir"]).mkdir(parents=True, exist_ok=True)
+    spec_path = Path(jobs[0]["run_dir"]) / "fixture_spec.json"
+    spec_path.write_text(json.dumps(jobs))
+    world = worlds.pop()
     port = free_port()
     procs = []
     for rank in range(world):
@@ -127,7 +144,6 @@ def make_checkpoint(run_dir: Path, model, tokenizer: Path, tp: int = 1, pp: int 
         outputs.append(out)
     if any(p.returncode for p in procs):
         raise RuntimeError("checkpoint fixture failed:\n" + "\n".join(o[-4000:] for o in outputs))
-    return run_dir / "checkpoints" / f"iter_{iteration:07d}"
 
 
 def _batches(vocab_size: int, micro_batch: int, seq: int, seed: int = 11):
@@ -143,19 +159,28 @@ def _batches(vocab_size: int, micro_batch: int, seq: int, seed: int = 11):
 
 
 def _worker(spec_path: str) -> None:
-    """One rank: the package's own training path (Megatron DDP, optimizer, pipeline schedule),
-    a few steps at a high LR so that every weight, norms included, moves off its init, then a
-    resumable checkpoint in the trainer's layout (model + optimizer + iteration)."""
+    """One rank: each job of the spec in turn (the process group stays; the parallel state,
+    seeds and training state are made anew for each)."""
+    from megatron_plugin.runtime.distributed import shutdown
+
+    for spec in json.loads(Path(spec_path).read_text()):
+        _save_checkpoint(spec)
+    shutdown()
+
+
+def _save_checkpoint(spec: dict) -> None:
+    """The package's own training path (Megatron DDP, optimizer, pipeline schedule), a few steps
+    at a high LR so that every weight, norms included, moves off its init, then a resumable
+    checkpoint in the trainer's layout (model + optimizer + iteration)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, tensor_parallel
 
     from megatron_plugin.config import (ModelConfig, OptimConfig, ParallelConfig, PrecisionConfig, RunConfig,
                                         TrainConfig)
-    from megatron_plugin.runtime.distributed import init_distributed, shutdown
+    from megatron_plugin.runtime.distributed import init_distributed
     from megatron_plugin.training.optimizer import build_train_state
     from megatron_plugin.training.step import BatchShape, train_step
 
-    spec = json.loads(Path(spec_path).read_text())
     model_cfg = ModelConfig(**spec["model"])
     seq = 16
     run = RunConfig(
@@ -202,7 +227,7 @@ def _worker(spec_path: str) -> None:
         (ckpt_dir / "run_config.json").write_text(json.dumps(run.to_dict(), indent=2))
         shutil.copyfile(spec["tokenizer"], ckpt_dir / "tokenizer.model")
         (ckpt_root / "latest").write_text(name + "\n")
-    shutdown()
+    dist.barrier()
 
 
 if __name__ == "__main__":

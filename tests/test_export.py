@@ -26,11 +26,26 @@ def sp_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tp2_run(tmp_path_factory, sp_model) -> Path:
-    run = tmp_path_factory.mktemp("run_tp2")
-    model = helpers.tiny_model_config(vocab_size=VOCAB, num_attention_heads=4, num_query_groups=2)
-    helpers.make_checkpoint(run, model, sp_model, tp=2)
-    return run
+def runs(tmp_path_factory, sp_model) -> dict:
+    """The three checkpoints, saved one after the other by one pair of gloo processes: TP=2, PP=2
+    with tied embeddings (saved through the DDP wrapper) and DP=2 (the distributed optimizer)."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = {
+        "tp2": dict(model=helpers.tiny_model_config(vocab_size=VOCAB, num_attention_heads=4, num_query_groups=2),
+                    tp=2),
+        "pp2_tied": dict(model=helpers.tiny_model_config(vocab_size=VOCAB, num_layers=4, num_attention_heads=4,
+                                                         num_query_groups=1, tie_embeddings=True),
+                         pp=2, ddp_keys=True),
+        "dp2": dict(model=helpers.tiny_model_config(vocab_size=VOCAB), dp=2),
+    }
+    helpers.make_checkpoints([helpers.checkpoint_job(root / name, tokenizer=sp_model, **job)
+                              for name, job in jobs.items()])
+    return {name: root / name for name in jobs}
+
+
+@pytest.fixture(scope="module")
+def tp2_run(runs) -> Path:
+    return runs["tp2"]
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +137,8 @@ def test_tokenizer_gives_sentencepiece_ids(sp_model, tp2_export):
 
 
 @pytest.fixture(scope="module")
-def pp2_tied_run(tmp_path_factory, sp_model) -> Path:
-    run = tmp_path_factory.mktemp("run_pp2_tied")
-    model = helpers.tiny_model_config(vocab_size=VOCAB, num_layers=4, num_attention_heads=4, num_query_groups=1,
-                                      tie_embeddings=True)
-    helpers.make_checkpoint(run, model, sp_model, pp=2, ddp_keys=True)
-    return run
+def pp2_tied_run(runs) -> Path:
+    return runs["pp2_tied"]
 
 
 def test_cli_exports_pp2_tied_checkpoint_and_verifies(pp2_tied_run, tmp_path, capsys):
@@ -235,12 +246,11 @@ def test_checkpoint_paths_resolve(tp2_run):
         assert resolve_checkpoint_dir(path) == expected
 
 
-def test_dp2_distributed_optimizer_checkpoint_exports(tmp_path, sp_model):
+def test_dp2_distributed_optimizer_checkpoint_exports(runs, tmp_path):
     """DP=2 with Megatron's distributed optimizer: optimizer state sharded over DP is skipped."""
     from megatron_plugin.export.to_hf import export_checkpoint
 
-    run = tmp_path / "run_dp2"
-    helpers.make_checkpoint(run, helpers.tiny_model_config(vocab_size=VOCAB), sp_model, dp=2)
+    run = runs["dp2"]
     out = export_checkpoint(run, tmp_path / "hf", dtype="fp32")
     model, info = _load_hf(out)
     assert not info["missing_keys"] and not info["unexpected_keys"]
