@@ -2,13 +2,14 @@
 
 import torch
 
+import tp_logits_worker
 from conftest import run_python
 
 
 def test_tp2_logits_equal_tp1(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    run_python(["tests/tp_logits_worker.py", "save", str(ckpt), str(tmp_path / "tp1.pt")])
+    tp_logits_worker.main("save", str(ckpt), str(tmp_path / "tp1.pt"))  # TP=1: in this process
     run_python(["tests/tp_logits_worker.py", "load", str(ckpt), str(tmp_path / "tp2.pt")], nproc=2)
     tp1 = torch.load(tmp_path / "tp1.pt")
     tp2 = torch.load(tmp_path / "tp2.pt")

@@ -2,6 +2,8 @@
 
     python tests/tp_logits_worker.py save CKPT_DIR OUT.pt      (TP=1: init weights, save them)
     torchrun --nproc-per-node 2 tests/tp_logits_worker.py load CKPT_DIR OUT.pt   (TP=2 shards)
+
+The test calls `main("save", ...)` in its own process (one process, nothing to start).
 """
 
 import os
