@@ -17,7 +17,39 @@ from megatron_plugin.runtime.distributed import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The tests to run on the second Megatron-Core line too (Python 3.12, megatron-core 0.19: `pytest
+# -m both_lines`): those that go through an API or file format in which the two lines differ
+# (runtime/mcore_compat.py, cpu_mode.py, expected_warnings.py, checkpoint_layout.py), one or more per
+# difference. The rest of the suite exercises the package's own code above those APIs the same way
+# on both lines; running all of it twice does not fit CI's time on two cores.
+BOTH_LINES = {
+    "tests/test_mcore_versions.py": "each line's checkpoints, read by the other",
+    "tests/test_warnings.py": "each line's expected Megatron-Core warnings and log records",
+    "tests/test_cpu_mode.py": "CPU mode's adapters for each line's CUDA-only calls",
+    "tests/test_generate_attention.py": "the static inference context and wrapper (mcore_compat.inference_wrapper)",
+    "tests/test_packed_attention.py": "PackedSeqParams through Megatron-Core's attention",
+    "tests/test_export_roundtrip.py": "the weight mapping onto each line's GPTModel",
+    "tests/test_training.py::test_resume_after_sigkill_is_exact": "dist checkpointing, optimizer state and resume",
+    "tests/test_training.py::test_async_save_gives_the_same_run_and_resumable_checkpoints":
+        "the async checkpoint writer (mcore_compat.async_save_kwargs)",
+    "tests/test_resume_parallel.py::test_dp2_resume_after_sigkill_is_exact[sync]":
+        "the distributed optimizer's sharded state over two ranks (current_stream on 0.19)",
+    "tests/test_generate.py::test_kv_cache_greedy_matches_full_recompute_and_transformers":
+        "Megatron-Core's inference building blocks against transformers",
+    "tests/test_generate.py::test_two_process_layouts_give_the_same_tokens_as_one_process[pp2]":
+        "the pipeline-parallel inference forward (mcore_compat.pipeline_forward)",
+    "tests/test_sft_training.py::test_the_loss_is_the_token_mean_of_the_global_batch_in_every_layout[pp2]":
+        "calculate_per_token_loss and packed activations through the pipeline schedule",
+    "tests/test_evaluate.py::test_split_valid_perplexity_equals_training_validation_loss":
+        "GPTDataset's splits and index cache",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.nodeid == key or item.nodeid.startswith(key + "::") for key in BOTH_LINES):
+            item.add_marker(pytest.mark.both_lines)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (see docs/gpu.md)")

@@ -14,8 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_plugin.config import RunConfig
-from megatron_plugin.config import ConfigError
+from megatron_plugin.config import ConfigError, RunConfig
 from megatron_plugin.data.gpt_dataset import check_tokenizer_fits
 from megatron_plugin.data.training_data import TrainingData, build_training_data, chat_data_tokenizer_sha256, chat_prefix
 from megatron_plugin.model import flops_per_token
